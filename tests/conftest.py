@@ -26,3 +26,11 @@ def data_dir() -> Path:
     if path is None:
         pytest.skip("real datasets not found: set RECIPE_DATA_DIR (see README, 'Data')")
     return path
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny random Llama wrapped in EditedLM (built in code, no downloads)."""
+    from recipe.testing import tiny_lm
+
+    return tiny_lm()

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 class FTConfig(EditorConfig):
     layer: int | None = None  # decoder layer whose MLP output projection is tuned; None: configs/models edit_layers.ft
     steps: int = 40  # most Adam steps per edit
-    lr: float = 1.0e-3  # Adam learning rate
-    norm_constraint: float = 5.0e-3  # L-inf bound on the change per edit; 0 disables the bound
+    lr: float = 5.0e-3  # Adam learning rate
+    norm_constraint: float = 2.0e-2  # L-inf bound on the change per edit; 0 disables the bound
     stop_loss: float = 5.0e-2  # stop early once the mean target NLL is below this
 
 

@@ -79,8 +79,8 @@ class KnowledgeRepository:
     ``flush_size`` keys: adding one edit at a time stays cheap and every entry is searchable at once.
 
     ``faiss.cvar.distance_compute_blas_threshold`` is process-global; faiss 1.15 defaults it to
-    128000 queries, below which it scans query by query instead of calling BLAS (FIELD_NOTES: 64
-    queries over 1M keys 2.1 s, 0.37 s with BLAS). The constructor sets it to ``blas_threshold``
+    128000 queries, below which it scans query by query instead of calling BLAS (64 queries over
+    100k x 384 keys, 2 cores: 178 ms, 35 ms with BLAS). The constructor sets it to ``blas_threshold``
     (None leaves it alone); importing this module changes nothing.
 
     GPU (``use_gpu``, default: whether faiss sees a GPU): searches run on a GPU copy of the flat
@@ -233,7 +233,7 @@ class KnowledgeRepository:
         4. delete O.
         At every instant T, or failing that O, holds a complete repository (old or new), and
         ``load`` reads O when T is missing. A non-empty T without ``repository.json`` is refused.
-        A reader in another process racing steps 2-3 can get RepositoryNotFoundError: retry.
+        A reader in another process racing steps 2-3 can get a NotFound or Corrupt error: retry.
         """
         self._flush()
         ids = faiss.vector_to_array(self._index.id_map)  # (N,) int64, storage order
@@ -246,7 +246,7 @@ class KnowledgeRepository:
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "key_dim": self.key_dim,
                 "prompt_shape": list(self.prompt_shape), "prompt_dtype": self.prompt_dtype, "count": len(ids),
                 "next_id": self._next_id, "info": self.info, "tensor_file": TENSOR_FILE}
-        target = Path(os.path.abspath(directory))
+        target = Path(directory).resolve()
         _save_atomically(target, tensors, meta)
         logger.info("saved %d repository entries to %s", len(ids), target)
         return target
@@ -262,7 +262,7 @@ class KnowledgeRepository:
         without moving anything (the next ``save`` repairs the layout). A missing repository
         raises RepositoryNotFoundError, a damaged one RepositoryCorruptError.
         """
-        source = _find_saved(Path(os.path.abspath(directory)))
+        source = _find_saved(Path(directory).resolve())
         meta = _read_meta(source)
         if expect_info is not None:
             _check_info(meta["info"], expect_info, source)

@@ -1,0 +1,189 @@
+"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), list."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from recipe.errors import RecipeError
+
+log = logging.getLogger("recipe")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """``--set steps=10 --set lr=1e-3`` -> {"steps": 10, "lr": 0.001} (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RecipeError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load(args):
+    from recipe.editors import EDITORS, load_editor
+    from recipe.errors import UnknownNameError
+    from recipe.lm import EditedLM
+    from recipe.models import get_spec, load_model
+
+    if args.editor not in EDITORS:  # fail before the model loads
+        raise UnknownNameError(f"unknown editor {args.editor!r}; available: {sorted(EDITORS)}")
+    get_spec(args.model)
+    overrides = _parse_overrides(args.set)
+    model, tokenizer, spec = load_model(args.model)
+    lm = EditedLM(model, tokenizer, spec, max_batch=args.batch_size)
+    editor = load_editor(args.editor, lm, args.config, **overrides)
+    return lm, editor
+
+
+def _wrap(text: str, width: int = 44) -> str:
+    return textwrap.shorten(" ".join(text.split()), width=width, placeholder="…")
+
+
+def cmd_demo(args) -> int:
+    from recipe.data import load_dataset
+
+    lm, editor = _load(args)
+    cases = load_dataset("demo")[: args.edits]
+    rows = []  # (kind, prompt, expected)
+    for c in cases:
+        r = c.request
+        rows.append(("edit", r.prompt, r.target_new))
+        rows += [("paraphrase", p.prompt, p.target) for p in c.generality[:1]]
+        rows += [("unrelated", p.prompt, p.target) for p in c.locality[:1]]
+    prompts = [p for _, p, _ in rows]
+    before = lm.generate(prompts, max_new_tokens=args.max_new_tokens)
+    print(f"Applying {len(cases)} edits one after another with editor {editor.name!r} on {lm.spec.name} ...")
+    from tqdm.auto import tqdm
+
+    for c in tqdm(cases, desc="editing"):
+        editor.edit(c.requests)
+    after = lm.generate(prompts, max_new_tokens=args.max_new_tokens)
+    print(f"\n{'kind':<10} | {'prompt':<44} | {'wanted':<14} | {'before':<30} | after")
+    print("-" * 140)
+    for (kind, prompt, want), b, a in zip(rows, before, after):
+        print(f"{kind:<10} | {_wrap(prompt):<44} | {_wrap(want, 14):<14} | {_wrap(b, 30):<30} | {_wrap(a, 30)}")
+    from recipe.eval.metrics import exact_match
+
+    for kind in ("edit", "paraphrase", "unrelated"):
+        idx = [i for i, r in enumerate(rows) if r[0] == kind]
+        if kind == "unrelated":
+            same = sum(before[i] == after[i] for i in idx)
+            print(f"{kind}: {same}/{len(idx)} continuations unchanged by the edits")
+        else:
+            hits = sum(exact_match(after[i], [rows[i][2]]) for i in idx)
+            was = sum(exact_match(before[i], [rows[i][2]]) for i in idx)
+            print(f"{kind}: new answer generated for {hits}/{len(idx)} prompts (before editing: {was}/{len(idx)})")
+    editor.rollback()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from recipe.data import load_dataset
+    from recipe.eval.report import format_table, plot_metrics
+    from recipe.eval.sequential import run_sequential
+
+    counts = [int(t) for t in args.edits.split(",") if t.strip()]
+    cases = load_dataset(args.dataset, args.data_dir)
+    lm, editor = _load(args)
+    out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
+    result = run_sequential(lm, editor, cases, counts, n_cases=args.cases, seed=args.seed,
+                            free_generation=not args.no_generation, out_dir=out)
+    summaries = list(result.summaries.values())
+    title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
+    table = format_table(summaries, title)
+    (out / "table.txt").write_text(table + "\n")
+    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], "editor_config": editor.state_dict()["config"]},
+                                             indent=1, default=str))
+    plot_metrics(summaries, out / "metrics.png", title)
+    print(table)
+    print(f"\nresults: {out}/ (summary.json, T*.jsonl per case, table.txt, metrics.png)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from recipe.data import DATASETS
+    from recipe.editors import EDITORS
+    from recipe.models import known_models
+
+    print("models:   ", ", ".join(known_models()), "(or any Hugging Face id / local folder)")
+    print("editors:  ", ", ".join(sorted(EDITORS)))
+    print("datasets:")
+    for name, spec in sorted(DATASETS.items()):
+        print(f"  {name:<22} {spec.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recipe",
+        description="Lifelong knowledge editing: apply thousands of edits one after another and measure "
+                    "reliability, generality and locality.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, editor_default):
+        p.add_argument("--model", default="smollm2-135m",
+                       help="registered model (see `recipe list`), Hugging Face id or local folder (default: %(default)s)")
+        p.add_argument("--editor", default=editor_default, help="editor name (default: %(default)s)")
+        p.add_argument("--config", default=None,
+                       help="editor config YAML (default: configs/editors/<editor>.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one editor config key, e.g. --set steps=20 (repeatable)")
+        p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
+
+    demo = sub.add_parser("demo", help="edit the bundled model with the built-in demo facts and show "
+                                       "generate() before/after for edit prompts, paraphrases and unrelated prompts")
+    common(demo, "ft")
+    demo.add_argument("--edits", type=int, default=8, help="how many demo edits to apply (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="sequential-edit evaluation: T edits one at a time, then score all T",
+                        description="Seeded shuffle -> record the unedited model on locality probes -> apply T "
+                                    "edits one at a time -> score all T (teacher-forced and greedy exact match) "
+                                    "-> roll back; for each T.")
+    common(ev, "ft")
+    ev.add_argument("--dataset", required=True, help="dataset name (see `recipe list`)")
+    ev.add_argument("--edits", default="1,10,100", help="comma-separated T values (default: %(default)s)")
+    ev.add_argument("--cases", type=int, default=None,
+                    help="cases scored per T, cut into rounds of T edits (default: the largest T); "
+                         "e.g. --edits 1 --cases 100 = 100 single-edit rounds")
+    ev.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
+    ev.add_argument("--data-dir", default=None, help="dataset folder (default: $RECIPE_DATA_DIR)")
+    ev.add_argument("--out", default=None, help="output folder (default: runs/<editor>-<dataset>-<model>)")
+    ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
+    ev.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list models, editors and datasets")
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"recipe: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

