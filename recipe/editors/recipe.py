@@ -1,0 +1,387 @@
+"""RECIPE: retrieval-augmented continuous prompt learning (Chen et al. 2024), lifelong and undoable.
+
+Editing never touches the LM. Each edit's knowledge statement ``prompt + " " + target_new`` becomes a
+key r_k (knowledge head) and a continuous prompt (prompt encoder), stored in a FAISS
+``KnowledgeRepository``. At inference ``lm.prefix_provider`` encodes the QUESTION ONLY (r_q, query
+head), takes the top-1 entry and prepends its prompt when ``s(q, k) > s(q, r_s)`` (the Knowledge
+Sentinel); otherwise it returns ``None`` and the LM computes exactly what the base model computes.
+
+Prefix modes (``prefix_mode``): "vectors" is the paper's l learned vectors; "vectors+statement"
+appends the LM's own token embeddings of the stored statement, so the frozen LM can copy answers it
+never saw in training (open targets, FIELD_NOTES: "never seen" targets). The statement's token ids
+are kept per edit and saved, so the prefix is rebuilt exactly after save/load.
+
+Trained networks come from ``checkpoint`` (an artefact written by ``train.recipe``, see
+``save_artifact``); with ``checkpoint: null`` they are randomly initialised under ``seed`` (fine for
+tests and plumbing, useless for real edits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from recipe.config import from_dict, repo_root
+from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.errors import IncompatibleError, RecipeError
+from recipe.lm import EditedLM
+from recipe.retrieval.encoders import (KnowledgeEncoder, PromptEncoder, RecipeArchitecture, load_body,
+                                       prompt_init_embeddings)
+from recipe.retrieval.repository import KnowledgeRepository
+from recipe.retrieval.sentinel import KnowledgeSentinel, SentinelMode
+from recipe.types import EditId, EditRequest
+
+log = logging.getLogger(__name__)
+
+PrefixMode = Literal["vectors", "vectors+statement"]
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "recipe.artifact", 1
+ARTIFACT_META, ARTIFACT_WEIGHTS = "recipe.json", "weights.safetensors"
+
+
+@dataclass
+class RecipeConfig(EditorConfig):
+    checkpoint: str | None = None  # artefact folder from train.recipe (relative: to the checkout); None: random networks
+    architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # used when checkpoint is None
+    prefix_mode: PrefixMode = "vectors+statement"  # must equal the checkpoint's (the prompt encoder learned one)
+    sentinel_mode: SentinelMode = "learned"  # "fixed": one threshold for all queries (ablation)
+    threshold: float = 0.0  # the fixed mode's threshold on s(q, k)
+    refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
+    refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
+    refine_stop_loss: float = 5.0e-2  # stop refining once the target NLL is below this
+    batch_size: int = 64  # texts per encoder forward pass (edits and queries)
+    use_gpu: bool | None = None  # FAISS index on a GPU; None: when faiss sees one
+    prompt_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # prompts on disk (float32: bit-exact)
+    seed: int = 0  # initialisation of random networks (checkpoint: null)
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What the provider decided for one query (``RecipeEditor.last_retrieval``)."""
+
+    prompt: str
+    edit_id: EditId | None  # the entry whose prompt was used; None: the sentinel rejected
+    score: float  # s(q, k) of the top-1 entry (-inf when the repository is empty)
+    threshold: float  # s(q, r_s)
+
+
+class RecipeNetworks(nn.Module):
+    """The trainable parts: knowledge encoder (body + two heads), prompt encoder, sentinel."""
+
+    def __init__(self, encoder: KnowledgeEncoder, prompt_encoder: PromptEncoder, sentinel: KnowledgeSentinel,
+                 arch: RecipeArchitecture):
+        super().__init__()
+        self.encoder, self.prompt_encoder, self.sentinel, self.arch = encoder, prompt_encoder, sentinel, arch
+
+    @classmethod
+    def build(cls, lm: EditedLM, arch: RecipeArchitecture, *, sentinel_mode: SentinelMode = "learned",
+              threshold: float = 0.0, seed: int = 0) -> RecipeNetworks:
+        """Fresh networks for ``lm`` (random heads, the body's own weights), on the LM's device."""
+        body, tokenizer = load_body(arch.encoder, seed)
+        emb = lm.model.get_input_embeddings()
+        init_ids = lm.tokenizer(arch.prompt_init_text, add_special_tokens=False).input_ids
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = KnowledgeEncoder(body, tokenizer, arch)
+            init = prompt_init_embeddings(emb, init_ids, arch.n_vectors)  # (l, H)
+            prompt_encoder = PromptEncoder(arch.key_dim, arch.n_vectors, lm.hidden_size, init,
+                                           emb.weight.detach().float().std().item(), arch)
+            sentinel = KnowledgeSentinel(arch.key_dim, sentinel_mode, threshold)
+        return cls(encoder, prompt_encoder, sentinel, arch).to(lm.device)
+
+    def artifact_state(self) -> dict[str, Tensor]:
+        """Every tensor that training changes: heads, trained body layers, prompt encoder, sentinel."""
+        trained = tuple(f"encoder.{p}" for p in self.encoder.trained_body_prefixes)
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith("encoder.body.") or k.startswith(trained)}
+
+    def fingerprint(self) -> str:
+        """sha256 over the architecture and the tensors that make keys and prompts (not the sentinel)."""
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.arch), sort_keys=True).encode())
+        for name, value in sorted(self.artifact_state().items()):
+            if not name.startswith("sentinel."):
+                digest.update(name.encode())
+                digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def save_artifact(networks: RecipeNetworks, lm: EditedLM, out_dir: str | Path, prefix_mode: PrefixMode,
+                  extra: dict | None = None) -> Path:
+    """Write the trained networks as fp16 safetensors + ``recipe.json`` (LM name, hidden size, shapes)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in networks.artifact_state().items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise RecipeError(f"cannot export: {bad[:5]} overflow float16")
+    safetensors.torch.save_file(tensors, str(out / ARTIFACT_WEIGHTS))
+    meta = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
+            "lm": {"name": lm.spec.name, "hidden_size": lm.hidden_size},
+            "architecture": dataclasses.asdict(networks.arch), "prefix_mode": prefix_mode,
+            "sentinel_mode": networks.sentinel.mode, "threshold": networks.sentinel.threshold,
+            "weights": ARTIFACT_WEIGHTS, "sha256": hashlib.sha256((out / ARTIFACT_WEIGHTS).read_bytes()).hexdigest(),
+            **({"training": extra} if extra else {})}
+    (out / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    log.info("exported RECIPE networks (%.1f MB) to %s", (out / ARTIFACT_WEIGHTS).stat().st_size / 1e6, out)
+    return out
+
+
+def read_artifact_meta(path: str | Path) -> dict:
+    meta_path = Path(path) / ARTIFACT_META
+    if not meta_path.is_file():
+        raise RecipeError(f"no RECIPE checkpoint at {path}: {ARTIFACT_META} is missing")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
+        raise RecipeError(f"{meta_path} is not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file")
+    return meta
+
+
+def check_lm(saved: dict, lm: EditedLM, where: str) -> None:
+    """IncompatibleError unless ``saved`` (``{"name", "hidden_size"}``) describes ``lm``."""
+    if saved["hidden_size"] != lm.hidden_size:
+        raise IncompatibleError(f"{where} was made for an LM with hidden size {saved['hidden_size']} "
+                                f"({saved['name']}); this LM ({lm.spec.name}) has hidden size {lm.hidden_size}")
+    if saved["name"] != lm.spec.name:
+        raise IncompatibleError(f"{where} was made for LM {saved['name']!r}, not {lm.spec.name!r}")
+
+
+def load_artifact(path: str | Path, lm: EditedLM, *, sentinel_mode: SentinelMode | None = None,
+                  threshold: float | None = None) -> tuple[RecipeNetworks, dict]:
+    """Networks from an artefact folder (checked against ``lm``), and its metadata."""
+    path = Path(path)
+    meta = read_artifact_meta(path)
+    check_lm(meta["lm"], lm, f"RECIPE checkpoint {path}")
+    weights = path / meta["weights"]
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta["sha256"]:
+        raise RecipeError(f"{weights}: checksum differs from {ARTIFACT_META}; the file was changed or truncated")
+    arch = from_dict(RecipeArchitecture, meta["architecture"], f"{path / ARTIFACT_META}: architecture")
+    networks = RecipeNetworks.build(lm, arch, sentinel_mode=sentinel_mode or meta["sentinel_mode"],
+                                    threshold=meta["threshold"] if threshold is None else threshold)
+    state = safetensors.torch.load_file(str(weights))
+    expected = set(networks.artifact_state())
+    if set(state) != expected:
+        raise IncompatibleError(f"{weights} holds other tensors than the architecture needs: missing "
+                                f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    networks.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return networks, meta
+
+
+def statement_token_ids(lm: EditedLM, statement: str) -> list[int]:
+    """The LM's tokens of a knowledge statement, as it appears inside a "vectors+statement" prefix."""
+    return lm.tokenizer(statement, add_special_tokens=False).input_ids
+
+
+def build_prefix(lm: EditedLM, vectors: Tensor, token_ids: Sequence[int] | None) -> Tensor:
+    """The prefix given to the LM: ``vectors`` (l, H), then the embeddings of ``token_ids`` if given."""
+    if token_ids is None:
+        return vectors
+    emb = lm.model.get_input_embeddings()(torch.tensor(list(token_ids), device=lm.device))  # (n, H)
+    return torch.cat([vectors.to(device=emb.device, dtype=emb.dtype), emb], dim=0)  # (l + n, H)
+
+
+@register_editor
+class RecipeEditor(Editor):
+    """RECIPE behind the Editor protocol; ``save(dir)``/``load(dir)`` persist the repository."""
+
+    name = "recipe"
+    config_cls = RecipeConfig
+
+    def __init__(self, lm: EditedLM, config: RecipeConfig | None = None):
+        super().__init__(lm, config)
+        cfg = self.config
+        if cfg.checkpoint is None:
+            self.networks = RecipeNetworks.build(lm, cfg.architecture, sentinel_mode=cfg.sentinel_mode,
+                                                 threshold=cfg.threshold, seed=cfg.seed)
+        else:
+            self.networks, meta = load_artifact(self._checkpoint_path(cfg.checkpoint), lm,
+                                                sentinel_mode=cfg.sentinel_mode, threshold=cfg.threshold)
+            if meta["prefix_mode"] != cfg.prefix_mode:
+                raise IncompatibleError(f"checkpoint {cfg.checkpoint} was trained with prefix_mode "
+                                        f"{meta['prefix_mode']!r}; the config asks for {cfg.prefix_mode!r}")
+        self.networks.eval().requires_grad_(False)
+        arch = self.networks.arch
+        self.info = {"lm": lm.spec.name, "hidden_size": lm.hidden_size, "key_dim": arch.key_dim,
+                     "n_vectors": arch.n_vectors, "prefix_mode": cfg.prefix_mode,
+                     "encoder": f"{arch.encoder}:{self.networks.fingerprint()[:16]}"}
+        self.repository = self._new_repository()
+        self._statements: dict[EditId, str] = {}  # id -> statement, insertion order
+        self._by_statement: dict[str, EditId] = {}
+        self._token_ids: dict[EditId, list[int]] = {}  # id -> statement tokens ("vectors+statement")
+        self.last_retrieval: list[Retrieval] = []
+
+    @staticmethod
+    def _checkpoint_path(checkpoint: str) -> Path:
+        path = Path(checkpoint).expanduser()
+        return path if path.is_absolute() or path.exists() else repo_root() / path
+
+    def _new_repository(self) -> KnowledgeRepository:
+        arch = self.networks.arch
+        return KnowledgeRepository(arch.key_dim, (arch.n_vectors, self.lm.hidden_size), info=self.info,
+                                   use_gpu=self.config.use_gpu, prompt_dtype=self.config.prompt_dtype)
+
+    # ---- editing -----------------------------------------------------------------------------
+    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+        statements = [r.statement for r in requests]
+        for s in statements:
+            if not s.strip():
+                raise RecipeError("refusing an empty knowledge statement")
+            if s in self._by_statement:
+                raise RecipeError(f"duplicate statement {s!r}: already stored as edit {self._by_statement[s]}; "
+                                  "remove() it first to replace it")
+        if len(set(statements)) != len(statements):
+            raise RecipeError("the same statement occurs twice in one edit() call")
+        keys, vectors = self._encode_statements(statements)  # (N, D), (N, l, H)
+        token_ids = [statement_token_ids(self.lm, s) if self.config.prefix_mode == "vectors+statement" else None
+                     for s in statements]
+        if self.config.refine_steps > 0:
+            vectors = self._refine(requests, vectors, token_ids)
+        self.repository.add(keys, vectors, ids=ids)
+        for i, s, t in zip(ids, statements, token_ids):
+            self._remember(i, s, t)
+        self.lm.prefix_provider = self._provide
+
+    def _remember(self, edit_id: EditId, statement: str, token_ids: list[int] | None) -> None:
+        self._statements[edit_id], self._by_statement[statement] = statement, edit_id
+        if token_ids is not None:
+            self._token_ids[edit_id] = token_ids
+
+    @torch.no_grad()
+    def _encode_statements(self, statements: list[str]) -> tuple[Tensor, Tensor]:
+        keys, vectors = [], []
+        for s in range(0, len(statements), self.config.batch_size):
+            r_k = self.networks.encoder.encode_knowledge(statements[s:s + self.config.batch_size])  # (b, D)
+            keys.append(r_k.float().cpu())
+            vectors.append(self.networks.prompt_encoder(r_k).float().cpu())  # (b, l, H)
+        return torch.cat(keys), torch.cat(vectors)
+
+    def _refine(self, requests: Sequence[EditRequest], vectors: Tensor, token_ids: list) -> Tensor:
+        """A few Adam steps on each edit's own prompt vectors: NLL of target_new after prompt (LM frozen)."""
+        cfg = self.config
+        prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
+        vectors = vectors.to(self.lm.device).clone().requires_grad_(True)  # (N, l, H)
+        opt = torch.optim.Adam([vectors], lr=cfg.refine_lr * float(self.networks.prompt_encoder.emb_scale))
+        with torch.enable_grad():
+            for _ in range(cfg.refine_steps):
+                prefixes = [build_prefix(self.lm, v, t) for v, t in zip(vectors, token_ids)]
+                logp, _, _, mask = self.lm.target_logprobs(prompts, targets, prefixes)
+                loss = -(logp * mask).sum() / mask.sum()
+                if loss.item() < cfg.refine_stop_loss:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return vectors.detach().float().cpu()
+
+    def remove(self, ids: Sequence[EditId]) -> None:
+        ids = list(ids)
+        unknown = sorted({i for i in ids if i not in self._statements})
+        if unknown:
+            raise RecipeError(f"unknown edit id(s) {unknown[:10]}; nothing removed")
+        self.repository.remove(ids)
+        for i in set(ids):
+            del self._by_statement[self._statements.pop(i)]
+            self._token_ids.pop(i, None)
+
+    def rollback(self) -> None:
+        if self.lm.prefix_provider == self._provide:
+            self.lm.prefix_provider = None
+        self.repository = self._new_repository()
+        self._statements.clear()
+        self._by_statement.clear()
+        self._token_ids.clear()
+        self.last_retrieval = []
+        self._next_id = 0
+
+    @property
+    def statements(self) -> dict[EditId, str]:
+        """Every stored edit: id -> knowledge statement (a copy)."""
+        return dict(self._statements)
+
+    # ---- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _provide(self, prompts: Sequence[str]) -> list[Tensor | None]:
+        """The prefix provider: question texts -> the accepted entry's prefix, or None (base model)."""
+        self.last_retrieval = []
+        if len(self.repository) == 0:
+            self.last_retrieval = [Retrieval(p, None, -math.inf, math.nan) for p in prompts]
+            return [None] * len(prompts)
+        out: list[Tensor | None] = []
+        scale = math.sqrt(self.networks.arch.key_dim)
+        for s in range(0, len(prompts), self.config.batch_size):
+            chunk = list(prompts[s:s + self.config.batch_size])
+            r_q = self.networks.encoder.encode_query(chunk).float()  # (b, D)
+            scores, ids = self.repository.search(r_q / scale, k=1)  # (b, 1) each: s(q, k_top)
+            top = torch.from_numpy(scores[:, 0]).to(r_q.device)  # (b,)
+            thresholds = self.networks.sentinel(r_q)  # (b,)
+            accept = self.networks.sentinel.accept(top, r_q)  # (b,)
+            for p, ok, edit_id, sc, th in zip(chunk, accept.tolist(), ids[:, 0].tolist(), top.tolist(),
+                                              thresholds.tolist()):
+                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th))
+                out.append(self._prefix(edit_id) if ok else None)
+        return out
+
+    def _prefix(self, edit_id: EditId) -> Tensor:
+        vectors = self.repository.get_prompts([edit_id])[0].to(self.lm.device)  # (l, H)
+        return build_prefix(self.lm, vectors, self._token_ids.get(edit_id))
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _check_info(self, info: dict, where: str) -> None:
+        check_lm({"name": info.get("lm"), "hidden_size": info.get("hidden_size")}, self.lm, where)
+        for key, want in self.info.items():
+            if info.get(key) != want:
+                raise IncompatibleError(f"{where} was made with {key}={info.get(key)!r}; this editor has {want!r}")
+
+    def _restore(self, info: dict, ids: list[int], statements: list[str], keys, prompts, next_id: int) -> None:
+        self._check_info(info, "the saved RECIPE state")
+        if len(ids) != len(statements):
+            raise RecipeError(f"saved state has {len(ids)} ids but {len(statements)} statements")
+        self.rollback()
+        repository = self._new_repository()
+        repository.add(keys, prompts, ids=ids)
+        self.repository = repository
+        for i, s in zip(ids, statements):
+            self._remember(i, s, statement_token_ids(self.lm, s) if self.config.prefix_mode == "vectors+statement"
+                           else None)
+        self._next_id = int(next_id)
+        self.lm.prefix_provider = self._provide
+
+    def state_dict(self) -> dict:
+        ids = self.repository.ids()
+        return {**super().state_dict(), "info": dict(self.info), "ids": ids,
+                "statements": [self._statements[i] for i in ids],
+                "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_info(state.get("info", {}), "the saved RECIPE state")
+        super().load_state_dict(state)
+        self._restore(state["info"], list(state["ids"]), list(state["statements"]), state["keys"],
+                      state["prompts"], state["next_id"])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the repository (keys, prompts, statements, next id) crash-safely to ``directory``."""
+        ids = self.repository.ids()
+        self.repository.info = {**self.info, "entries": {"next_id": self._next_id, "ids": ids,
+                                                         "statements": [self._statements[i] for i in ids]}}
+        try:
+            return self.repository.save(directory)
+        finally:
+            self.repository.info = dict(self.info)
+
+    def load(self, directory: str | Path) -> None:
+        """Replace every edit with those saved by :meth:`save` (made for this LM and these networks)."""
+        saved = KnowledgeRepository.load(directory, use_gpu=self.config.use_gpu)
+        info = dict(saved.info)
+        entries = info.pop("entries", None)
+        self._check_info(info, f"RECIPE repository {directory}")
+        if entries is None or entries["ids"] != saved.ids():
+            raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
+        self._restore(info, entries["ids"], entries["statements"], saved.keys(), saved.get_prompts(saved.ids()),
+                      entries["next_id"])
