@@ -95,7 +95,7 @@ def cmd_eval(args) -> int:
     lm, editor = _load(args)
     out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
     result = run_sequential(lm, editor, cases, counts, n_cases=args.cases, seed=args.seed,
-                            free_generation=not args.no_generation, out_dir=out)
+                            free_generation=not args.no_generation, out_dir=out, resume=args.resume)
     summaries = list(result.summaries.values())
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
     ev.add_argument("--data-dir", default=None, help="dataset folder (default: $RECIPE_DATA_DIR)")
     ev.add_argument("--out", default=None, help="output folder (default: runs/<editor>-<dataset>-<model>)")
+    ev.add_argument("--resume", action="store_true",
+                    help="keep the complete rounds already in the output folder and run only the rest")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
     ev.set_defaults(func=cmd_eval)
 
@@ -170,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recipe").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import transformers

@@ -30,6 +30,7 @@ def test_none_editor_rounds_outputs_and_perfect_locality(tiny, demo_cases, tmp_p
     result = run_sequential(tiny, editor, demo_cases, [1, 2], n_cases=4, out_dir=tmp_path, progress=False)
     s1, s2 = result.summaries[1], result.summaries[2]
     assert (s1["rounds"], s2["rounds"]) == (4, 2)
+    assert s1["queries"] > 0 and s1["score_ms_per_query"] > 0
     assert s1["tf"]["locality"] == 1.0 and s1["em"]["locality"] == 1.0
     assert 0.0 <= s1["tf"]["reliability"] <= 1.0
     for T in (1, 2):
@@ -68,3 +69,33 @@ def test_same_seed_same_order(tiny, demo_cases):
 def test_bad_counts(tiny, demo_cases, counts, n):
     with pytest.raises(RecipeError):
         run_sequential(tiny, load_editor("none", tiny), demo_cases, counts, n_cases=n, progress=False)
+
+
+def test_resume_skips_completed_rounds_and_matches(tiny, demo_cases, tmp_path):
+    class Counting:
+        """Wraps an editor and counts edit calls."""
+
+        def __init__(self, inner):
+            self.inner, self.calls, self.name = inner, 0, inner.name
+
+        def edit(self, requests):
+            self.calls += 1
+            return self.inner.edit(requests)
+
+        def rollback(self):
+            self.inner.rollback()
+
+    full = run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=6, out_dir=tmp_path,
+                          free_generation=False, progress=False).summaries[2]
+    path = tmp_path / "T2.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n")  # one complete round + half of the next: a crash
+    editor = Counting(load_editor("none", tiny))
+    again = run_sequential(tiny, editor, demo_cases, [2], n_cases=6, out_dir=tmp_path, resume=True,
+                           free_generation=False, progress=False).summaries[2]
+    assert editor.calls == 4  # rounds 2 and 3 only
+    assert again["tf"] == full["tf"] and again["cases"] == 6
+    assert len(path.read_text().splitlines()) == 6
+    with pytest.raises(RecipeError, match="another run"):
+        run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=6, seed=9, out_dir=tmp_path,
+                       resume=True, free_generation=False, progress=False)

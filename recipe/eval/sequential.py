@@ -92,23 +92,40 @@ def _case_rows(cases, qs, scores, gens, base_scores, base_gens, edit_times, offs
     return rows
 
 
-def _summarise(T: int, rows: list[dict], n_queries: int, query_s: tuple[float, float]) -> dict:
-    summary: dict = {"T": T, "cases": len(rows)}
+def _summarise(T: int, rows: list[dict]) -> dict:
+    summary: dict = {"T": T, "cases": len(rows), "rounds": len({r["round"] for r in rows})}
     for mode in ("tf", "em"):
         keys = sorted({k for r in rows for k in r[mode]})
         summary[mode] = {k: _mean([r[mode][k] for r in rows if r[mode].get(k) is not None]) for k in keys}
     times = sorted(r["edit_time_s"] for r in rows)
     summary["edit_time_s"] = {"median": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))],
                               "mean": statistics.fmean(times)}
+    per_round = {r["round"]: r["round_timing"] for r in rows}.values()
+    n_queries = sum(t["queries"] for t in per_round)
     summary["queries"] = n_queries
-    summary["score_ms_per_query"] = 1000 * query_s[0] / max(n_queries, 1)  # teacher-forced, batched
-    summary["generate_ms_per_query"] = 1000 * query_s[1] / max(n_queries, 1)  # greedy, batched
+    summary["score_ms_per_query"] = 1000 * sum(t["score_s"] for t in per_round) / max(n_queries, 1)
+    summary["generate_ms_per_query"] = 1000 * sum(t["generate_s"] for t in per_round) / max(n_queries, 1)
     return summary
+
+
+def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int) -> list[dict]:
+    """Rows of the complete rounds already in ``path`` (for --resume); checks they match ``pool``."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    done = len(rows) // T * T  # a partly written last round is dropped and redone
+    rows = rows[:done]
+    for i, r in enumerate(rows):
+        if r.get("case_id") != pool[i].case_id:
+            raise RecipeError(f"{path} was written by another run (case {i} is {r.get('case_id')!r}, expected "
+                              f"{pool[i].case_id!r}); use another output folder or drop --resume")
+    return rows
 
 
 def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
-                   out_dir: str | Path | None = None, progress: bool = True) -> SequentialResult:
+                   out_dir: str | Path | None = None, resume: bool = False,
+                   progress: bool = True) -> SequentialResult:
     """Run the sequential protocol for every T in ``edit_counts``.
 
     The first ``n_cases`` cases of one seeded shuffle (default: the largest T) are cut into
@@ -116,6 +133,9 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     T cases on the final model and rolls back. T=1 over 100 cases is thus 100 single-edit rounds,
     T=100 over 100 cases one lifelong round. The unedited model's answers to the locality probes are
     recorded once, before any edit.
+
+    Each finished round is appended to ``out_dir/T<T>.jsonl`` at once, so a crash loses at most the
+    round in progress; with ``resume=True`` the complete rounds found there are kept and skipped.
     """
     counts = sorted(set(int(t) for t in edit_counts))
     if not counts or counts[0] < 1:
@@ -125,6 +145,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         raise RecipeError(f"n_cases={n_cases} is smaller than the largest T={counts[-1]}")
     if n_cases > len(cases):
         raise RecipeError(f"asked for {n_cases} cases but the dataset has only {len(cases)}")
+    if resume and out_dir is None:
+        raise RecipeError("resume needs an output folder")
     order = list(cases)
     random.Random(seed).shuffle(order)
     pool = order[:n_cases]
@@ -141,12 +163,14 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
 
     result = SequentialResult()
     for T in counts:
-        rows: list[dict] = []
-        query_s = [0.0, 0.0]
-        n_queries = 0
         rounds = n_cases // T
-        bar = tqdm(total=rounds * T, desc=f"{editor.name}: T={T} ({rounds} round(s))", disable=not progress)
-        for start in range(0, rounds * T, T):
+        path = out / f"T{T}.jsonl" if out is not None else None
+        rows: list[dict] = _completed_rounds(path, pool, T) if resume else []
+        if path is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        bar = tqdm(total=rounds * T, initial=len(rows), desc=f"{editor.name}: T={T} ({rounds} round(s))",
+                   disable=not progress)
+        for start in range(len(rows), rounds * T, T):
             chosen = pool[start:start + T]
             qs = [(j, q) for j, q in pool_qs if start <= q.case < start + T]
             edit_times = []
@@ -157,16 +181,16 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
                 bar.update(1)
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
             editor.rollback()
-            rows += _case_rows(chosen, qs, scores, gens, base_scores, base_gens, edit_times, start)
-            query_s = [query_s[0] + secs[0], query_s[1] + secs[1]]
-            n_queries += len(qs)
+            new = _case_rows(chosen, qs, scores, gens, base_scores, base_gens, edit_times, start)
+            timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1]}
+            for r in new:
+                r["round"], r["round_timing"] = start // T, timing
+            rows += new
+            if path is not None:
+                with open(path, "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in new))
         bar.close()
-        summary = _summarise(T, rows, n_queries, tuple(query_s))
-        summary["rounds"] = rounds
-        result.summaries[T] = summary
+        result.summaries[T] = _summarise(T, rows)
         if out is not None:
-            with open(out / f"T{T}.jsonl", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
             (out / "summary.json").write_text(json.dumps(list(result.summaries.values()), indent=1))
     return result
