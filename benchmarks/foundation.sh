@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/foundation
 mkdir -p "$out"
-run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" "$@"; mkdir -p "$out/$name";
+run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; mkdir -p "$out/$name";
         cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$out/$name/"; }
 run ft-zsre          --editor ft   --dataset zsre        --edits 1,10,100 --cases 100
 run none-zsre        --editor none --dataset zsre        --edits 1037

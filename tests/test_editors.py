@@ -10,7 +10,10 @@ from recipe.types import EditRequest
 REQUEST = EditRequest("The capital of France is", "Rome", subject="France")
 PROBES = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox"]
 # Settings that let each editor move a tiny random model within a unit test's time.
-FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0}}
+FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0},
+        "recipe": {"architecture": {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "prompt_width": 32},
+                   "sentinel_mode": "fixed", "threshold": -1.0e9, "duplicates": "replace", "refine_steps": 20,
+                   "refine_lr": 0.5}}
 CHANGES_MODEL = sorted(set(EDITORS) - {"none"})
 
 
@@ -38,8 +41,8 @@ def test_edit_moves_the_model_towards_the_target(name, tiny):
     before = tiny.score([REQUEST.prompt], [REQUEST.target_new])[0]
     _editor(name, tiny).edit([REQUEST])
     after = tiny.score([REQUEST.prompt], [REQUEST.target_new])[0]
-    assert sum(after.logprobs) > sum(before.logprobs) + 1.0
-    assert after.accuracy == 1.0
+    assert before.accuracy == 0.0 and after.accuracy == 1.0  # the answer flipped to the new target
+    assert sum(after.logprobs) > sum(before.logprobs)
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))

@@ -54,6 +54,7 @@ class RecipeConfig(EditorConfig):
     prefix_mode: PrefixMode = "vectors+statement"  # must equal the checkpoint's (the prompt encoder learned one)
     sentinel_mode: SentinelMode = "learned"  # "fixed": one threshold for all queries (ablation)
     threshold: float = 0.0  # the fixed mode's threshold on s(q, k)
+    duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
     refine_stop_loss: float = 5.0e-2  # stop refining once the target NLL is below this
@@ -233,17 +234,22 @@ class RecipeEditor(Editor):
         for s in statements:
             if not s.strip():
                 raise RecipeError("refusing an empty knowledge statement")
-            if s in self._by_statement:
+            if s in self._by_statement and self.config.duplicates == "error":
                 raise RecipeError(f"duplicate statement {s!r}: already stored as edit {self._by_statement[s]}; "
-                                  "remove() it first to replace it")
+                                  "remove() it first (or set duplicates: replace)")
         if len(set(statements)) != len(statements):
             raise RecipeError("the same statement occurs twice in one edit() call")
+        replaced = [self._by_statement[s] for s in statements if s in self._by_statement]
         keys, vectors = self._encode_statements(statements)  # (N, D), (N, l, H)
         token_ids = [statement_token_ids(self.lm, s) if self.config.prefix_mode == "vectors+statement" else None
                      for s in statements]
         if self.config.refine_steps > 0:
-            vectors = self._refine(requests, vectors, token_ids)
+            b = self.lm.max_batch
+            vectors = torch.cat([self._refine(requests[s:s + b], vectors[s:s + b], token_ids[s:s + b])
+                                 for s in range(0, len(requests), b)])
         self.repository.add(keys, vectors, ids=ids)
+        if replaced:
+            self.remove(replaced)
         for i, s, t in zip(ids, statements, token_ids):
             self._remember(i, s, t)
         self.lm.prefix_provider = self._provide
@@ -360,6 +366,8 @@ class RecipeEditor(Editor):
                 "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("editor") != self.name:
+            raise IncompatibleError(f"state was saved by editor {state.get('editor')!r}, not {self.name!r}")
         self._check_info(state.get("info", {}), "the saved RECIPE state")
         super().load_state_dict(state)
         self._restore(state["info"], list(state["ids"]), list(state["statements"]), state["keys"],

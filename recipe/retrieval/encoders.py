@@ -122,6 +122,9 @@ class KnowledgeEncoder(nn.Module):
         d = body.config.hidden_size
         self.knowledge_head = ResidualMLP(2 * d, arch.key_dim, arch.head_hidden, arch.head_blocks)
         self.query_head = ResidualMLP(2 * d, arch.key_dim, arch.head_hidden, arch.head_blocks)
+        # Both heads start equal: before training, s(q, k) then ranks by the body's own similarity
+        # (a random projection of [mean; max] keeps it roughly), not by noise; training splits them.
+        self.query_head.load_state_dict(self.knowledge_head.state_dict())
         layers_name, layers = body_layers(body)
         n_train = max(0, min(arch.train_body_layers, len(layers)))
         self.trained_body_prefixes = tuple(f"body.{layers_name}.{i}." for i in range(len(layers) - n_train, len(layers)))
@@ -154,7 +157,8 @@ class KnowledgeEncoder(nn.Module):
 
     def score(self, r_q: Tensor, r_k: Tensor) -> Tensor:
         """s(q, k) = r_q . r_k / sqrt(D) for all pairs: (Bq, D) x (Bk, D) -> (Bq, Bk). RECIPE eq. 4."""
-        return r_q @ r_k.T / math.sqrt(self.key_dim)
+        with torch.autocast(r_q.device.type, enabled=False):  # scores in float32 even under bf16 autocast
+            return r_q.float() @ r_k.float().T / math.sqrt(self.key_dim)
 
 
 def prompt_init_embeddings(embedding: nn.Module, token_ids: Sequence[int], n_vectors: int) -> Tensor:

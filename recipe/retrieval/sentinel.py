@@ -32,12 +32,13 @@ class KnowledgeSentinel(nn.Module):
     def forward(self, r_q: Tensor) -> Tensor:
         """s(q, r_s) for each query: (B, D) -> (B,)."""
         if self.mode == "fixed":
-            return r_q.new_full(r_q.shape[:1], self.threshold)
-        return r_q @ self.r_s.to(r_q.dtype) / math.sqrt(self.key_dim) + self.bias.to(r_q.dtype)  # (B,)
+            return torch.full(r_q.shape[:1], self.threshold, device=r_q.device)
+        with torch.autocast(r_q.device.type, enabled=False):  # float32 even under bf16 autocast
+            return r_q.float() @ self.r_s.float() / math.sqrt(self.key_dim) + self.bias.float()  # (B,)
 
     def accept(self, top_scores: Tensor, r_q: Tensor) -> Tensor:
         """Which queries use their top-1 entry: ``s(q, k_top) > s(q, r_s)``, (B,) bool.
 
         An empty repository scores -inf and is never accepted.
         """
-        return top_scores.to(r_q.dtype) > self(r_q)
+        return top_scores.float() > self(r_q)

@@ -1,0 +1,67 @@
+"""Split a `recipe eval` run's per-case results by whether the edit's new target occurs in training.
+
+    python benchmarks/seen_split.py runs/recipe-zsre --dataset zsre [--data-dir DIR]
+
+A target is "seen" when it is the target_new of some training edit (train.data.TRAIN_DATASETS,
+compared case-insensitively after stripping). Writes ``seen_split.json`` beside the run's files and
+prints one table per T: teacher-forced / exact-match means for seen and never-seen targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for `train`
+
+from recipe.data import load_dataset
+from train.data import TRAIN_DATASETS
+
+METRICS = ("reliability", "generality", "locality")
+
+
+def training_targets(data_dir: str | None) -> set[str]:
+    return {r.target_new.strip().casefold() for name in TRAIN_DATASETS
+            for case in load_dataset(name, data_dir) for r in case.requests}
+
+
+def split(run: Path, dataset: str, data_dir: str | None) -> dict:
+    seen_targets = training_targets(data_dir)
+    target_of = {c.case_id: [r.target_new for r in c.requests] for c in load_dataset(dataset, data_dir)}
+    out: dict = {}
+    for path in sorted(run.glob("T*.jsonl"), key=lambda p: int(p.stem[1:])):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        groups: dict[str, list[dict]] = {"seen": [], "never-seen": []}
+        for r in rows:
+            seen = all(t.strip().casefold() in seen_targets for t in target_of[r["case_id"]])
+            groups["seen" if seen else "never-seen"].append(r)
+        out[path.stem] = {
+            name: {"cases": len(g), **{f"{mode}/{m}": _mean([r[mode].get(m) for r in g])
+                                        for mode in ("tf", "em") for m in METRICS}}
+            for name, g in groups.items()}
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir")
+    args = p.parse_args()
+    result = split(args.run, args.dataset, args.data_dir)
+    (args.run / "seen_split.json").write_text(json.dumps(result, indent=1))
+    fmt = lambda x: "  -  " if x is None else f"{x:.3f}"  # noqa: E731
+    for t, groups in result.items():
+        print(f"{t}: " + "   ".join(
+            f"{name} ({g['cases']}): " + ", ".join(f"{m} {fmt(g['tf/' + m])}/{fmt(g['em/' + m])}" for m in METRICS)
+            for name, g in groups.items()))
+
+
+if __name__ == "__main__":
+    main()

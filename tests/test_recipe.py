@@ -1,0 +1,209 @@
+"""RECIPE on the tiny Llama with a tiny random BERT body: exactness when the sentinel rejects, the
+repository's lifecycle, persistence, incompatibility checks, and retrieval on the question only."""
+import math
+
+import pytest
+import torch
+
+from recipe.editors import load_editor
+from recipe.editors.recipe import RecipeEditor, RecipeNetworks, save_artifact
+from recipe.errors import IncompatibleError, RecipeError
+from recipe.retrieval.encoders import KnowledgeEncoder, RecipeArchitecture, load_body
+from recipe.retrieval.sentinel import KnowledgeSentinel
+from recipe.testing import tiny_lm
+from recipe.types import EditRequest
+
+ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks": 1, "prompt_width": 32,
+        "prompt_blocks": 1}
+REQUESTS = [EditRequest("The capital of France is", "Rome"), EditRequest("Hey Jude was performed by", "Madonna"),
+            EditRequest("The Amazon river flows through", "Italy")]
+PROMPTS = [r.prompt for r in REQUESTS] + ["The quick brown fox jumps over the lazy"]
+TARGETS = [r.target_new for r in REQUESTS] + ["dog"]
+ACCEPT_ALL = {"sentinel_mode": "fixed", "threshold": -1.0e9}
+REJECT_ALL = {"sentinel_mode": "fixed", "threshold": 1.0e9}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster than two on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(lm, **kw) -> RecipeEditor:
+    return load_editor("recipe", lm, architecture=ARCH, **kw)
+
+
+def outputs(lm):
+    return lm.generate(PROMPTS, max_new_tokens=4), lm.score(PROMPTS, TARGETS)
+
+
+def test_sentinel_rejection_gives_the_base_model_bit_exactly(tiny):
+    base = outputs(tiny)
+    editor = make(tiny, **REJECT_ALL)
+    editor.edit(REQUESTS)
+    assert tiny.prefix_provider is not None
+    assert outputs(tiny) == base  # TargetScore compares float tuples exactly
+    assert [r.edit_id for r in editor.last_retrieval] == [None] * len(PROMPTS)
+
+
+def test_learned_sentinel_rejection_is_exact_too(tiny):
+    base = outputs(tiny)
+    editor = make(tiny)
+    editor.edit(REQUESTS)
+    with torch.no_grad():
+        editor.networks.sentinel.bias.fill_(1.0e6)  # s(q, r_s) above every s(q, k)
+    assert outputs(tiny) == base
+    assert all(r.threshold > r.score for r in editor.last_retrieval)
+
+
+def test_accepted_entry_changes_the_output(tiny):
+    before = tiny.score(PROMPTS[:1], TARGETS[:1])[0]
+    editor = make(tiny, **ACCEPT_ALL)
+    ids = editor.edit(REQUESTS[:1])
+    after = tiny.score(PROMPTS[:1], TARGETS[:1])[0]
+    assert after.logprobs != before.logprobs
+    assert editor.last_retrieval[0].edit_id == ids[0]
+
+
+def test_refinement_moves_towards_the_target(tiny):
+    before = tiny.score(PROMPTS[:1], TARGETS[:1])[0]
+    make(tiny, refine_steps=40, refine_lr=0.5, **ACCEPT_ALL).edit(REQUESTS[:1])
+    after = tiny.score(PROMPTS[:1], TARGETS[:1])[0]
+    assert after.accuracy == 1.0 and sum(after.logprobs) > sum(before.logprobs) + 0.3
+
+
+def test_retrieval_sees_the_question_only(tiny):
+    editor = make(tiny, **ACCEPT_ALL)
+    editor.edit(REQUESTS)
+    seen = []
+    encode = editor.networks.encoder.encode_query
+    editor.networks.encoder.encode_query = lambda texts: seen.append(list(texts)) or encode(texts)
+    tiny.score(PROMPTS, TARGETS)
+    tiny.generate(PROMPTS[:2], max_new_tokens=3)
+    assert seen == [PROMPTS, PROMPTS[:2]]  # never prompt + teacher-forced target, never generated tokens
+
+
+def test_edit_remove_rollback(tiny):
+    base = outputs(tiny)
+    editor = make(tiny, **ACCEPT_ALL)
+    ids = editor.edit(REQUESTS)
+    assert ids == [0, 1, 2] and len(editor.repository) == 3
+    editor.remove([ids[1]])
+    assert editor.repository.ids() == [0, 2] and list(editor.statements) == [0, 2]
+    tiny.score(PROMPTS[1:2], TARGETS[1:2])
+    assert editor.last_retrieval[0].edit_id in (0, 2)  # the removed entry is never retrieved
+    with pytest.raises(RecipeError, match="unknown edit id"):
+        editor.remove([ids[1]])
+    with pytest.raises(RecipeError, match="nothing removed"):
+        editor.remove([ids[0], 99])
+    assert editor.repository.ids() == [0, 2]  # a failed remove changes nothing
+    assert editor.edit([REQUESTS[1]]) == [3]  # re-adding a removed statement works, ids never reused
+    editor.rollback()
+    assert tiny.prefix_provider is None and len(editor.repository) == 0
+    assert outputs(tiny) == base
+
+
+def test_duplicate_and_empty_statements_are_refused(tiny):
+    editor = make(tiny)
+    editor.edit(REQUESTS[:1])
+    with pytest.raises(RecipeError, match="duplicate statement .* edit 0"):
+        editor.edit([REQUESTS[0]])
+    with pytest.raises(RecipeError, match="twice"):
+        editor.edit([REQUESTS[1], REQUESTS[1]])
+    with pytest.raises(ValueError, match="empty"):
+        editor.edit([EditRequest("  ", "Rome")])
+    assert editor.repository.ids() == [0]
+    replacing = make(tiny_lm(), duplicates="replace")
+    replacing.edit(REQUESTS[:2])
+    assert replacing.edit([REQUESTS[0]]) == [2] and replacing.repository.ids() == [1, 2]
+
+
+def test_save_load_round_trip_gives_identical_prefixes_and_outputs(tmp_path):
+    lm_a, lm_b = tiny_lm(), tiny_lm()
+    a = make(lm_a, **ACCEPT_ALL)
+    a.edit(REQUESTS)
+    a.remove([1])
+    a.save(tmp_path / "repo")
+    b = make(lm_b, **ACCEPT_ALL)
+    b.load(tmp_path / "repo")
+    pa, pb = a._provide(PROMPTS), b._provide(PROMPTS)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert outputs(lm_a) == outputs(lm_b)
+    assert b.statements == a.statements
+    assert b.edit([REQUESTS[1]]) == [3]  # ids continue after load
+
+
+def test_vectors_mode_prefix_has_l_rows(tiny):
+    editor = make(tiny, prefix_mode="vectors", **ACCEPT_ALL)
+    editor.edit(REQUESTS[:1])
+    (prefix,) = editor._provide(PROMPTS[:1])
+    assert prefix.shape == (3, tiny.hidden_size)
+    statement = make(tiny_lm(), **ACCEPT_ALL)
+    statement.edit(REQUESTS[:1])
+    (prefix,) = statement._provide(PROMPTS[:1])
+    n_tokens = len(tiny.tokenizer(REQUESTS[0].statement, add_special_tokens=False).input_ids)
+    assert prefix.shape == (3 + n_tokens, tiny.hidden_size)
+
+
+def test_hidden_size_mismatch_is_incompatible(tmp_path):
+    small, big = tiny_lm(hidden=32), tiny_lm()
+    editor = make(big)
+    editor.edit(REQUESTS[:1])
+    editor.save(tmp_path / "repo")
+    other = make(small)
+    with pytest.raises(IncompatibleError, match="hidden size 64.*hidden size 32"):
+        other.load(tmp_path / "repo")
+    with pytest.raises(IncompatibleError, match="hidden size 64.*hidden size 32"):
+        other.load_state_dict(editor.state_dict())
+    save_artifact(editor.networks, big, tmp_path / "ckpt", "vectors+statement")
+    with pytest.raises(IncompatibleError, match="hidden size 64.*hidden size 32"):
+        make(small, checkpoint=str(tmp_path / "ckpt"))
+    with pytest.raises(IncompatibleError, match="prefix_mode"):
+        make(big, checkpoint=str(tmp_path / "ckpt"), prefix_mode="vectors")
+
+
+def test_repository_of_other_networks_is_incompatible(tmp_path, tiny):
+    editor = make(tiny)
+    editor.edit(REQUESTS[:1])
+    editor.save(tmp_path / "repo")
+    with pytest.raises(IncompatibleError, match="encoder"):
+        make(tiny_lm(), seed=1).load(tmp_path / "repo")
+
+
+def test_empty_repository_and_sentinel_modes():
+    sentinel = KnowledgeSentinel(8, "fixed", threshold=0.5)
+    r_q = torch.randn(3, 8)
+    assert sentinel(r_q).tolist() == [0.5] * 3
+    assert sentinel.accept(torch.tensor([1.0, 0.5, -math.inf]), r_q).tolist() == [True, False, False]
+    learned = KnowledgeSentinel(8)
+    assert torch.allclose(learned(r_q), r_q @ learned.r_s / math.sqrt(8))
+    lm = tiny_lm()
+    editor = make(lm)
+    assert editor._provide(PROMPTS) == [None] * len(PROMPTS)
+
+
+def test_encoder_trains_only_the_top_body_layers():
+    body, tok = load_body("tiny-bert")
+    encoder = KnowledgeEncoder(body, tok, RecipeArchitecture(**{**ARCH, "train_body_layers": 1}))
+    trained = {n for n, p in encoder.body.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("encoder.layer.1.") for n in trained)
+    r = encoder.encode_query(["a question", "another, longer question"])
+    assert r.shape == (2, 32) and torch.isfinite(r).all()
+
+
+def test_prompt_encoder_starts_near_the_init_text_and_gives_finite_gradients():
+    lm = tiny_lm()
+    networks = RecipeNetworks.build(lm, RecipeArchitecture(**ARCH))
+    base = networks.prompt_encoder.base
+    assert base.abs().sum() > 0
+    r_k = networks.encoder.encode_knowledge([REQUESTS[0].statement])
+    prompt = networks.prompt_encoder(r_k)[0]  # (l, H)
+    logp, _, _, mask = lm.target_logprobs(PROMPTS[:1], TARGETS[:1], [prompt])
+    (-(logp * mask).sum()).backward()
+    used = [networks.prompt_encoder, networks.encoder.knowledge_head, networks.encoder.body.encoder.layer[-1]]
+    grads = [p.grad for m in used for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert networks.prompt_encoder.base.grad.abs().sum() > 0

@@ -1,0 +1,95 @@
+"""RECIPE training on CPU with the tiny Llama, a tiny BERT body and the demo edits: the Lightning loop
+runs and logs every loss term, resumes from last.ckpt, and its export loads into RecipeEditor."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe.config import configs_dir, load_config
+from recipe.data import load_dataset
+from recipe.editors import load_editor
+from recipe.editors.recipe import ARTIFACT_WEIGHTS, RecipeConfig
+from recipe.testing import tiny_lm
+from train.data import examples_from_cases
+from train.recipe import TrainConfig, train
+
+ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks": 1, "prompt_width": 32,
+        "prompt_blocks": 1, "train_body_layers": 1}
+LOSSES = ["retrieval_edit", "retrieval_sentinel", "retrieval_locality", "reliability", "generality", "locality"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    return load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml",
+                       **{"architecture": ARCH, "batch_size": 4, "precision": "32-true", "wandb": "disabled",
+                          "run_dir": str(tmp_path / "run"), "out": str(tmp_path / "artifact"), "val_every": 2,
+                          "limit_val_batches": 1, "warmup_steps": 1, **kw})
+
+
+def test_configs_load_strictly():
+    cfg = load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml")
+    assert cfg.batch_size == 8 and cfg.architecture.key_dim == 512 and cfg.weights.locality == 1.0
+    assert load_config(RecipeConfig, configs_dir() / "editors" / "recipe.yaml").prefix_mode == "vectors+statement"
+
+
+def test_examples_use_prompt_when_no_paraphrase():
+    cases = load_dataset("demo")
+    ex = examples_from_cases(cases)
+    assert len(ex) == len(cases) and ex[0].paraphrase == cases[0].generality[0].prompt
+    assert ex[0].statement == cases[0].request.statement and ex[0].locality_answer == cases[0].locality[0].target
+
+
+def test_fast_dev_run_logs_every_loss_and_exports_a_loadable_artifact(tmp_path):
+    lm = tiny_lm()
+    result = train(tiny_config(tmp_path), lm=lm, cases=load_dataset("demo"), fast_dev_run=True, progress=False)
+    assert result.global_step == 1
+    for name in LOSSES:
+        assert torch.isfinite(torch.tensor(result.metrics[f"train/loss/{name}"]))
+        assert f"val/loss/{name}" in result.metrics
+    for name in ["train/retrieval/top1", "train/sentinel/reject_locality", "train/sentinel/accept_paraphrase"]:
+        assert 0.0 <= result.metrics[name] <= 1.0
+
+    exported = load_file(str(result.artifact / ARTIFACT_WEIGHTS))
+    assert all(v.dtype == torch.float16 for v in exported.values())
+    editor = load_editor("recipe", lm, checkpoint=str(result.artifact), sentinel_mode="fixed", threshold=-1.0e9)
+    loaded = editor.networks.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in exported.items())
+    ids = editor.edit(load_dataset("demo", limit=2)[0].requests)
+    assert lm.score(["The Eiffel Tower is located in the city of"], ["Rome"]) and editor.last_retrieval[0].edit_id == ids[0]
+
+
+def test_training_resumes_from_last_checkpoint(tmp_path):
+    cases = load_dataset("demo")
+    first = train(tiny_config(tmp_path, max_steps=2), lm=tiny_lm(), cases=cases, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert first.global_step == 2 and last.exists()
+    saved = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("lm.") for k in saved)  # the frozen LM is never saved
+    second = train(tiny_config(tmp_path, max_steps=3), lm=tiny_lm(), cases=cases, progress=False)
+    assert second.global_step == 3  # continued from step 2, not from 0
+
+
+def test_losses_with_targets_and_locality_answers_of_different_lengths():
+    from recipe.editors.recipe import RecipeNetworks
+    from recipe.retrieval.encoders import RecipeArchitecture
+    from train.data import TrainExample
+    from train.module import RecipeModule
+
+    lm = tiny_lm()
+    module = RecipeModule(lm, RecipeNetworks.build(lm, RecipeArchitecture(**ARCH)))
+    batch = [TrainExample("The capital of France is", "the city of Rome in Italy", "France's capital is",
+                          "Big Ben is located in", "London"),
+             TrainExample("Hey Jude was performed by", "Madonna", "Hey Jude is a song by", None, None),
+             TrainExample("The Amazon river flows through", "Italy", "The Amazon river flows through",
+                          "Mount Everest is the highest mountain on", "Earth and in the whole world")]
+    loss, logs = module._step(batch)
+    assert torch.isfinite(loss) and set(LOSSES) <= {k.split("/", 1)[1] for k in logs if k.startswith("loss/")}
+    assert logs["loss/locality"] >= 0
+    loss.backward()
+    assert module.networks.sentinel.r_s.grad is not None and module.networks.prompt_encoder.base.grad is not None

@@ -1,0 +1,95 @@
+"""Training examples for RECIPE and their LightningDataModule.
+
+One ``TrainExample`` per edit request: the statement to store, the edit prompt and a paraphrase
+with its target (reliability, generality), and one unrelated prompt + answer (locality). A case
+without a paraphrase whose target is ``target_new`` uses the prompt itself; a case without a
+locality probe has none (its locality terms are masked out of the batch).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from recipe.data import load_dataset
+from recipe.types import EditCase
+
+log = logging.getLogger(__name__)
+
+TRAIN_DATASETS = ("counterfact-train", "ripple-recent-train", "ripple-cf-train", "zsre-train")
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One edit with the queries that train retrieval and the prompt encoder."""
+
+    prompt: str
+    target: str  # target_new
+    paraphrase: str  # a generality prompt answered by ``target`` (the prompt itself when none)
+    locality_prompt: str | None  # an unrelated prompt whose answer must not change
+    locality_answer: str | None
+
+    @property
+    def statement(self) -> str:
+        return f"{self.prompt} {self.target}"
+
+
+def examples_from_cases(cases: Sequence[EditCase], seed: int = 0) -> list[TrainExample]:
+    """One example per request; paraphrase and locality probe picked under ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for case in cases:
+        for request in case.requests:
+            paraphrases = [p.prompt for p in case.generality if p.target == request.target_new]
+            locality = [p for p in case.locality if p.prompt != request.prompt]
+            loc = rng.choice(locality) if locality else None
+            out.append(TrainExample(request.prompt, request.target_new,
+                                    rng.choice(paraphrases) if paraphrases else request.prompt,
+                                    loc.prompt if loc else None, loc.target if loc else None))
+    return out
+
+
+def collate(batch: list[TrainExample]) -> list[TrainExample]:
+    return list(batch)
+
+
+class RecipeDataModule(L.LightningDataModule):
+    """Training edits from the four RECIPE training sets (or given ``cases``), a held-out validation split."""
+
+    def __init__(self, datasets: Sequence[str] = TRAIN_DATASETS, data_dir: str | Path | None = None,
+                 batch_size: int = 8, val_size: int = 256, limit_per_dataset: int | None = None,
+                 seed: int = 0, num_workers: int = 0, cases: Sequence[EditCase] | None = None):
+        super().__init__()
+        self.datasets, self.data_dir, self.batch_size = tuple(datasets), data_dir, batch_size
+        self.val_size, self.limit, self.seed, self.num_workers = val_size, limit_per_dataset, seed, num_workers
+        self._cases = None if cases is None else list(cases)
+        self.train_examples: list[TrainExample] = []
+        self.val_examples: list[TrainExample] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        cases = self._cases
+        if cases is None:
+            cases = [c for name in self.datasets for c in load_dataset(name, self.data_dir, self.limit)]
+        examples = examples_from_cases(cases, self.seed)
+        random.Random(self.seed).shuffle(examples)
+        n_val = min(self.val_size, len(examples) // 5)
+        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+        log.info("RECIPE training data: %d train / %d validation edits", len(self.train_examples), n_val)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # texts only (Lightning cannot move frozen dataclasses); tensors are made on the model's device
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_examples, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_examples, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                          collate_fn=collate, num_workers=self.num_workers)

@@ -1,0 +1,192 @@
+"""RecipeModule: the RECIPE losses around a frozen EditedLM (Chen et al. 2024, sec. 3.4).
+
+For a batch of B edits with statements k_i, queries q_i (edit prompt), q'_i (paraphrase) and
+locality prompts x_i, scores s(q, k) = r_q . r_k / sqrt(D) and the sentinel's s(q, r_s):
+
+- retrieval, edit:      -log softmax_{k_1..k_B, r_s}(s(q, .))[k_i] for q in {q_i, q'_i}  (own knowledge first)
+- retrieval, sentinel:  -log softmax_{k_j (j != i), r_s}(s(q, .))[r_s]                  (own knowledge absent:
+                                                                                        the sentinel beats the rest)
+- retrieval, locality:  -log softmax_{k_1..k_B, r_s}(s(x_i, .))[r_s]                    (unrelated: retrieve nothing)
+- reliability / generality: NLL of target_new after [p_i ; q_i] and [p_i ; q'_i]
+- locality: KL(f(x_i) || f([p_i ; x_i])) on x_i's answer tokens (the prompt must not disturb
+  unrelated inputs even when retrieved by mistake, as in the paper)
+
+with p_i the prefix built from k_i (oracle retrieval). All weights default to 1. The LM never trains.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recipe.editors.recipe import PrefixMode, RecipeNetworks, build_prefix, statement_token_ids
+from recipe.lm import EditedLM
+from train.data import TrainExample
+
+
+@dataclass
+class LossWeights:
+    retrieval_edit: float = 1.0  # query (prompt, paraphrase) -> own knowledge over others and the sentinel
+    retrieval_sentinel: float = 1.0  # query without its knowledge -> sentinel over the rest
+    retrieval_locality: float = 1.0  # locality prompt -> sentinel over all knowledge
+    reliability: float = 1.0  # NLL of target_new after the prefixed edit prompt
+    generality: float = 1.0  # NLL of target_new after the prefixed paraphrase
+    locality: float = 1.0  # KL(base || prefixed) on locality answers
+
+
+def target_logits(lm: EditedLM, prompts: Sequence[str], targets: Sequence[str], prefixes
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-vocabulary logits at each target slot (the layout of ``EditedLM.target_logprobs``).
+
+    Returns logits (N, L, V) float32, labels (N, L) and mask (N, L), targets right-aligned.
+    """
+    t_ids = [lm.target_ids(t) for t in targets]
+    n_slots = max(len(t) for t in t_ids)
+    embeds, mask, pos = lm.embed(prompts, prefixes, targets)
+    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=n_slots + 1,
+                   use_cache=False)
+    logits = out.logits[:, :-1].float()  # (N, L, V): slot j predicts target token j
+    labels = torch.zeros(len(t_ids), n_slots, dtype=torch.long, device=logits.device)
+    tmask = torch.zeros(len(t_ids), n_slots, device=logits.device)
+    for i, t in enumerate(t_ids):
+        labels[i, n_slots - len(t):] = torch.tensor(t, device=logits.device)
+        tmask[i, n_slots - len(t):] = 1
+    return logits, labels, tmask
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+class RecipeModule(L.LightningModule):
+    """Holds the trainable ``RecipeNetworks`` and the frozen LM; computes and logs the RECIPE losses."""
+
+    def __init__(self, lm: EditedLM, networks: RecipeNetworks, *, prefix_mode: PrefixMode = "vectors+statement",
+                 weights: LossWeights | None = None, lr: float = 1.0e-4, body_lr: float = 2.0e-5,
+                 sentinel_lr: float = 3.0e-3, warmup_steps: int = 100):
+        super().__init__()
+        self.lm = lm.requires_grad_(False).eval()  # a submodule so that it follows the device; never saved
+        self.networks = networks
+        self.prefix_mode, self.weights = prefix_mode, weights or LossWeights()
+        self.lr, self.body_lr, self.sentinel_lr, self.warmup_steps = lr, body_lr, sentinel_lr, warmup_steps
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # the frozen LM never runs in training mode
+        return self
+
+    # ---- the losses --------------------------------------------------------------------------
+    def _retrieval(self, batch: Sequence[TrainExample], loc_rows: list[int]):
+        """r_k (B, D) and the retrieval losses/metrics of one batch."""
+        enc, B = self.networks.encoder, len(batch)
+        texts = ([e.statement for e in batch] + [e.prompt for e in batch] + [e.paraphrase for e in batch]
+                 + [batch[i].locality_prompt for i in loc_rows])
+        feats = enc.features(texts)  # (B + 2B + n_loc, 2d)
+        r_k = enc.knowledge_head(feats[:B])  # (B, D)
+        r_q = enc.query_head(feats[B:])  # (2B + n_loc, D)
+        scores = enc.score(r_q, r_k)  # (Q, B)
+        sentinel = self.networks.sentinel(r_q)  # (Q,)
+        scores = scores.masked_fill(self._conflicts(batch, loc_rows).to(scores.device), -math.inf)  # other rows that are also right
+        logits = torch.cat([scores, sentinel[:, None]], dim=1)  # (Q, B + 1); column B is the sentinel
+        own = torch.arange(B, device=logits.device).repeat(2)  # (2B,)
+        edit_logits = logits[:2 * B]
+        without_own = edit_logits.masked_fill(F.one_hot(own, B + 1).bool(), -math.inf)
+        sentinel_col = torch.full_like(own, B)
+        losses = {"retrieval_edit": F.cross_entropy(edit_logits, own),
+                  "retrieval_sentinel": F.cross_entropy(without_own, sentinel_col)}
+        own_score = edit_logits.gather(1, own[:, None])[:, 0]  # (2B,)
+        metrics = {"retrieval/top1": (scores[:2 * B].argmax(1) == own).float().mean(),
+                   "sentinel/accept_prompt": (own_score[:B] > sentinel[:B]).float().mean(),
+                   "sentinel/accept_paraphrase": (own_score[B:] > sentinel[B:2 * B]).float().mean()}
+        if loc_rows:
+            loc_logits = logits[2 * B:]
+            losses["retrieval_locality"] = F.cross_entropy(loc_logits, torch.full_like(loc_logits[:, 0], B).long())
+            metrics["sentinel/reject_locality"] = (sentinel[2 * B:] > scores[2 * B:].amax(1)).float().mean()
+        return r_k, losses, metrics
+
+    @staticmethod
+    def _conflicts(batch: Sequence[TrainExample], loc_rows: list[int]) -> Tensor:
+        """(Q, B) True where key j is not a fair negative for query row q (same prompt or statement)."""
+        B = len(batch)
+        rows = [(i, e.prompt) for i, e in enumerate(batch)] + [(i, e.paraphrase) for i, e in enumerate(batch)]
+        rows += [(-1, batch[i].locality_prompt) for i in loc_rows]
+        out = torch.zeros(len(rows), B, dtype=torch.bool)
+        for q, (i, text) in enumerate(rows):
+            for j, e in enumerate(batch):
+                if j != i and (text in (e.prompt, e.paraphrase) or (i >= 0 and e.statement == batch[i].statement)):
+                    out[q, j] = True
+        return out
+
+    def _edit(self, batch: Sequence[TrainExample], loc_rows: list[int], r_k: Tensor):
+        """Edit losses with each edit's own prefix (oracle retrieval)."""
+        B, lm = len(batch), self.lm
+        vectors = self.networks.prompt_encoder(r_k)  # (B, l, H)
+        token_ids = [statement_token_ids(lm, e.statement) if self.prefix_mode == "vectors+statement" else None
+                     for e in batch]
+        prefixes = [build_prefix(lm, v, t) for v, t in zip(vectors, token_ids)]
+        prompts = [e.prompt for e in batch] + [e.paraphrase for e in batch] + [batch[i].locality_prompt for i in loc_rows]
+        targets = [e.target for e in batch] * 2 + [batch[i].locality_answer for i in loc_rows]
+        logits, labels, mask = target_logits(lm, prompts, targets, prefixes * 2 + [prefixes[i] for i in loc_rows])
+        logp = torch.log_softmax(logits, -1)  # (N, L, V)
+        nll = -logp.gather(-1, labels[..., None])[..., 0]  # (N, L)
+        hit = (logits.argmax(-1) == labels).float()
+        losses = {"reliability": _masked_mean(nll[:B], mask[:B]), "generality": _masked_mean(nll[B:2 * B], mask[B:2 * B])}
+        metrics = {"edit/reliability_acc": _masked_mean(hit[:B], mask[:B]),
+                   "edit/generality_acc": _masked_mean(hit[B:2 * B], mask[B:2 * B])}
+        if loc_rows:
+            with torch.no_grad():
+                base, _, _ = target_logits(lm, prompts[2 * B:], targets[2 * B:], None)
+            n_slots = base.shape[1]  # targets are right-aligned: the last n_slots slots of the prefixed rows
+            base_logp = torch.log_softmax(base, -1)  # (n_loc, L', V)
+            kl = (base_logp.exp() * (base_logp - logp[2 * B:, -n_slots:])).sum(-1)  # (n_loc, L')
+            loc_mask = mask[2 * B:, -n_slots:]
+            losses["locality"] = _masked_mean(kl, loc_mask)
+            same = logits[2 * B:, -n_slots:].argmax(-1) == base.argmax(-1)
+            metrics["edit/locality_acc"] = _masked_mean(same.float(), loc_mask)
+        return losses, metrics
+
+    def _step(self, batch: Sequence[TrainExample]) -> tuple[Tensor, dict[str, Tensor]]:
+        edit_texts = {t for e in batch for t in (e.prompt, e.paraphrase)}
+        loc_rows = [i for i, e in enumerate(batch) if e.locality_prompt is not None and e.locality_prompt not in edit_texts]
+        r_k, losses, metrics = self._retrieval(batch, loc_rows)
+        edit_losses, edit_metrics = self._edit(batch, loc_rows, r_k)
+        losses.update(edit_losses)
+        metrics.update(edit_metrics)
+        total = sum(getattr(self.weights, name) * value for name, value in losses.items())
+        return total, {"loss": total, **{f"loss/{k}": v for k, v in losses.items()}, **metrics}
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: list[TrainExample], batch_idx: int) -> Tensor:
+        loss, logs = self._step(batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: list[TrainExample], batch_idx: int) -> None:
+        _, logs = self._step(batch)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=len(batch), on_epoch=True)
+
+    def configure_optimizers(self):
+        groups: dict[str, list] = {"rest": [], "body": [], "sentinel": []}
+        for name, p in self.networks.named_parameters():
+            if p.requires_grad:
+                kind = "body" if name.startswith("encoder.body.") else "sentinel" if name.startswith("sentinel.") else "rest"
+                groups[kind].append(p)
+        # The sentinel's threshold must travel the score scale (~sqrt(D)) quickly: its own, larger rate.
+        lrs = {"rest": self.lr, "body": self.body_lr, "sentinel": self.sentinel_lr}
+        groups = [{"params": ps, "lr": lrs[kind], "name": kind} for kind, ps in groups.items() if ps]
+        optimizer = torch.optim.Adam(groups)
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trained tensors: not the frozen LM, not the frozen body layers."""
+        keep = {f"networks.{k}" for k in self.networks.artifact_state()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
