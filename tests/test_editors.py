@@ -13,7 +13,14 @@ PROBES = ["The capital of France is", "Hey Jude was performed by", "The quick br
 FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0},
         "recipe": {"architecture": {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "prompt_width": 32},
                    "sentinel_mode": "fixed", "threshold": -1.0e9, "duplicates": "replace", "refine_steps": 20,
-                   "refine_lr": 0.5}}
+                   "refine_lr": 0.5},
+        # ROME/MEMIT: random-token covariance (no data dir); "last" token because the rollback test edits a
+        # request without a subject; no KL / decay / clamp so a random model's argmax can flip.
+        "rome": {"covariance": "random-tokens", "n_cov_samples": 64, "fact_token": "last", "context_templates": 2,
+                 "steps": 30, "kl_factor": 0.0, "weight_decay": 0.0, "clamp_norm_factor": 100.0},
+        "memit": {"covariance": "random-tokens", "n_cov_samples": 64, "fact_token": "last", "context_templates": 2,
+                  "layers": [1, 2], "mom2_update_weight": 100.0, "steps": 30, "kl_factor": 0.0, "weight_decay": 0.0,
+                  "clamp_norm_factor": 100.0}}
 CHANGES_MODEL = sorted(set(EDITORS) - {"none"})
 
 
@@ -23,7 +30,7 @@ def _logits(lm):
 
 
 def _editor(name, lm):
-    return load_editor(name, lm, **FAST.get(name, {}))
+    return load_editor(name, lm, FAST.get(name))  # a dict replaces the shipped YAML (checkpoint included)
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))

@@ -33,7 +33,7 @@ def _one_thread():
 
 
 def make(lm, **kw) -> RecipeEditor:
-    return load_editor("recipe", lm, architecture=ARCH, **kw)
+    return load_editor("recipe", lm, {"architecture": ARCH, **kw})  # not the shipped YAML's checkpoint
 
 
 def outputs(lm):

@@ -1,0 +1,103 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2023), batched over requests and layers.
+
+For a batch of n requests and critical layers ``l_1 < ... < l_L`` (MEMIT Alg. 1):
+
+1. for each request, ``δ_i`` at the ``mlp_out`` output of the last layer ``l_L`` (ROME eq. 4, shared
+   code in ``rank_one.py``); since that output is added straight into the residual stream, the
+   target hidden state there is ``z_i = h_i^{l_L} + δ_i`` (MEMIT eq. 16-17);
+2. for each layer ``l`` in order, on the model as already updated at the layers below:
+   keys ``K`` (d_in, n) at ``l``, residual ``R = (z − h^{l_L}) / (L − index(l))`` (d_out, n) spread
+   over the layers left (Alg. 1 line 9), and the update that minimises
+   ``‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ)`` (MEMIT eq. 14):
+
+       ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹,   i.e.   ΔW (λ C + K Kᵀ) = R Kᵀ
+
+   with ``C = E[k kᵀ]`` from ``rank_one.KeyCovariance`` and ``λ = mom2_update_weight``.
+Keys are averaged over the context prefixes as in ROME; ``z`` and ``h`` are read on the bare prompt.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from recipe.editors import rank_one
+from recipe.editors.base import EditorConfig, WeightEditor, register_editor
+from recipe.editors.rome import check_subjects, context_prefixes, make_covariance, value_options
+from recipe.errors import RecipeError
+from recipe.types import EditId, EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MEMITConfig(EditorConfig):
+    layers: list[int] = field(default_factory=list)  # critical layers; empty: configs/models edit_layers.memit
+    fact_token: rank_one.FactToken = "subject_last"  # key position; "last": the prompt's last token, no subject needed
+    context_templates: int = 5  # how many of rank_one.CONTEXT_PREFIXES keys and values average over
+    steps: int = 25  # Adam steps of the δ optimisation at the last layer
+    lr: float = 0.5  # Adam learning rate on δ
+    kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a"
+    weight_decay: float = 0.5  # weight of ‖δ‖²/‖m‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖
+    stop_loss: float = 5.0e-2  # stop δ steps once the mean target NLL is below this
+    mom2_update_weight: float = 15000.0  # λ: weight of the preserved keys' covariance (MEMIT eq. 14)
+    covariance: str = "wikitext"  # key statistics source: one of rank_one.COVARIANCE_SOURCES
+    n_cov_samples: int = 2000  # text samples behind C = E[k kᵀ]
+
+
+def memit_layer_update(cov: Tensor, keys: Tensor, resid: Tensor, mom2_weight: float) -> Tensor:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT eq. 14) in float64; keys (d_in, n), resid (d_out, n) -> (d_out, d_in)."""
+    K, R = keys.double(), resid.double()
+    A = mom2_weight * cov.double() + K @ K.T  # λC + K Kᵀ  (d_in, d_in), symmetric
+    return torch.linalg.solve(A, K @ R.T).T  # (A⁻¹ K Rᵀ)ᵀ = R Kᵀ A⁻¹
+
+
+@register_editor
+class MEMITEditor(WeightEditor):
+    name = "memit"
+    config_cls = MEMITConfig
+
+    def __init__(self, lm, config: MEMITConfig | None = None, covariance_source: rank_one.CovarianceSource | None = None):
+        super().__init__(lm, config)
+        layers = list(self.config.layers) or list(self.lm.spec.edit_layers.get("memit") or [])
+        if not layers:
+            raise RecipeError(f"no layers configured for 'memit' and model {lm.spec.name!r} has no edit_layers.memit "
+                              "in configs/models/")
+        self.layers = sorted({self.default_layer(layer) for layer in layers})
+        for layer in self.layers:
+            self.lm.module(self.lm.spec.mlp_out.format(layer))  # clear error if the path is wrong
+        self.prefixes = context_prefixes(self.config)
+        self.covariance = make_covariance(lm, self.config, covariance_source)
+
+    def _check(self, requests):
+        requests = super()._check(requests)
+        check_subjects(requests, self.config.fact_token, self.name)
+        return requests
+
+    def _hidden(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
+        """Residual stream after decoder ``layer`` at each request's fact token, bare prompt: (n, H)."""
+        texts = [r.prompt for r in requests]
+        idxs = [rank_one.fact_index(self.lm, r.prompt, r.subject, self.config.fact_token) for r in requests]
+        return rank_one.capture(self.lm, f"{self.lm.spec.layers}.{layer}", texts, idxs, what="output")
+
+    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+        cfg, last = self.config, self.layers[-1]
+        deltas = []
+        for r in requests:  # δ_i on the model before this batch (Alg. 1 lines 2-7)
+            key = rank_one.compute_key(self.lm, r, last, self.prefixes, cfg.fact_token)
+            deltas.append(rank_one.compute_value(self.lm, r, last, key, self.prefixes, value_options(cfg),
+                                                 cfg.fact_token).delta)
+        z = self._hidden(requests, last) + torch.stack(deltas)  # target hidden states (n, H)
+        for i, layer in enumerate(self.layers):
+            keys = torch.stack([rank_one.compute_key(self.lm, r, layer, self.prefixes, cfg.fact_token)
+                                for r in requests], dim=1)  # K (d_in, n)
+            resid = (z - self._hidden(requests, last)).T / (len(self.layers) - i)  # R (d_out, n), Alg. 1 line 9
+            weight = self.snapshot.touch(f"{self.lm.spec.mlp_out.format(layer)}.weight")
+            update = memit_layer_update(self.covariance(layer), keys, resid, cfg.mom2_update_weight)
+            with torch.no_grad():
+                weight.add_(update.to(weight.dtype))
+            log.debug("memit layer %d: |R| %.3f, |ΔW| %.3f", layer, resid.norm().item(), update.norm().item())

@@ -1,0 +1,337 @@
+"""Keys, values and key covariance shared by ROME and MEMIT (Meng et al. 2022a, 2022b).
+
+The MLP output projection of layer l (``spec.mlp_out``, HF ``down_proj``, weight ``W`` of shape
+(out, in)) is read as a linear associative memory ``v = W k`` (ROME §3.1):
+
+- key ``k*``: the input of ``W`` at the subject's last token, averaged over the prompt preceded by a few
+  short context prefixes (:data:`CONTEXT_PREFIXES`, fixed text instead of ROME's sampled ones, so
+  edits are deterministic); :func:`compute_key`.
+- value ``v* = W k* + δ``: ``δ`` is added to the output of ``W`` at the subject's last token and optimised
+  to make the target likely after every context prefix, with a KL term that keeps the model's view of
+  "{subject} is a" unchanged, a weight decay and a norm clamp (ROME eq. 4); :func:`compute_value`.
+  Since ``W`` is linear, ``W k*`` is the mean of the unedited outputs over the prefixes, so ``v*`` is
+  their mean after adding ``δ``.
+- ``C = E[k kᵀ]``: the uncentred second moment of the keys over text from a :class:`CovarianceSource`
+  (WikiText for real runs, random tokens in tests), cached on disk per model / layer / sample count;
+  :class:`KeyCovariance`.
+
+Positions: ``fact_token = "subject_last"`` (ROME's default) needs ``EditRequest.subject`` inside the
+prompt; ``"last"`` uses the prompt's last token and needs no subject (ROME's ``fact_token: last``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recipe.errors import RecipeError
+from recipe.lm import EditedLM
+from recipe.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+FactToken = Literal["subject_last", "last"]
+# Context prefixes for k* and v* (ROME §3.1 averages over ~20 short model-generated prefixes; fixed
+# text here keeps edits deterministic). The first one is empty: the bare prompt.
+CONTEXT_PREFIXES = ("", "The following is a fact. ", "Here is what I know. ", "I read this in a book. ",
+                    "According to the encyclopedia, ", "As everyone knows, ", "In the news today: ",
+                    "Fact check: ", "It is well known that ", "Note that ")
+KL_TEMPLATE = "{} is a"  # ROME's essence-drift prompt
+
+
+# ---- positions -------------------------------------------------------------------------------
+def fact_index(lm: EditedLM, text: str, subject: str | None, fact_token: FactToken = "subject_last",
+               search_from: int = 0) -> int:
+    """Index in ``lm.prompt_ids(text)`` of the token that holds the fact: the last token of ``subject``
+    (searched in ``text[search_from:]``) or, for ``fact_token="last"``, the last token of ``text``."""
+    ids = lm.prompt_ids(text)
+    if fact_token == "last":
+        return len(ids) - 1
+    if subject is None:
+        raise RecipeError(f"fact_token 'subject_last' needs EditRequest.subject; the request for {text!r} has none")
+    start = text.find(subject, search_from)
+    if start < 0:
+        raise RecipeError(f"subject {subject!r} does not occur in prompt {text[search_from:]!r}")
+    formatted = lm.format_prompt(text)
+    end = formatted.find(text) + start + len(subject)  # char just after the subject
+    enc = lm.tokenizer(formatted, add_special_tokens=not lm.spec.chat_template, return_offsets_mapping=True)
+    if list(enc.input_ids) != ids:
+        raise RecipeError(f"tokenizer offsets disagree with prompt_ids for {text!r}")
+    hits = [i for i, (s, e) in enumerate(enc.offset_mapping) if e > s and s < end]
+    return hits[-1]
+
+
+def _texts_and_indices(lm: EditedLM, request: EditRequest, prefixes: Sequence[str],
+                       fact_token: FactToken) -> tuple[list[str], list[int]]:
+    texts = [p + request.prompt for p in prefixes]
+    idxs = [fact_index(lm, t, request.subject, fact_token, search_from=len(p)) for t, p in zip(texts, prefixes)]
+    return texts, idxs
+
+
+# ---- reading activations ---------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised from a hook once the wanted activation is captured: the layers above never run."""
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@torch.no_grad()
+def capture(lm: EditedLM, module_path: str, texts: Sequence[str], idxs: Sequence[int],
+            what: Literal["input", "output"] = "input") -> Tensor:
+    """The input (or output) of module ``module_path`` at token ``idxs[i]`` of ``texts[i]``: (n, d).
+
+    Texts are left-padded as in :meth:`EditedLM.embed`; the forward stops at the module.
+    """
+    embeds, mask, pos = lm.embed(list(texts), prefixes=None)  # (B, T, H)
+    T = embeds.shape[1]
+    rows = torch.arange(len(texts), device=lm.device)
+    cols = torch.tensor([T - len(lm.prompt_ids(t)) + i for t, i in zip(texts, idxs)], device=lm.device)
+    got: dict[str, Tensor] = {}
+
+    def hook(module, args, output=None):
+        got["x"] = _first(args if what == "input" else output)[rows, cols]  # (n, d)
+        raise _StopForward
+
+    module = lm.module(module_path)
+    handle = module.register_forward_pre_hook(hook) if what == "input" else module.register_forward_hook(hook)
+    try:
+        lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got["x"]
+
+
+def compute_key(lm: EditedLM, request: EditRequest, layer: int, context_prefixes: Sequence[str] = CONTEXT_PREFIXES[:5],
+                fact_token: FactToken = "subject_last") -> Tensor:
+    """k*: the ``mlp_out`` input at the fact token, averaged over the context prefixes (ROME §3.1): (d_in,)."""
+    texts, idxs = _texts_and_indices(lm, request, context_prefixes, fact_token)
+    return capture(lm, lm.spec.mlp_out.format(layer), texts, idxs).mean(0)
+
+
+# ---- values ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ValueOptions:
+    """Settings of the v* optimisation (ROME §3.1, eq. 4)."""
+
+    steps: int = 20  # Adam steps
+    lr: float = 0.5  # Adam learning rate on δ
+    kl_factor: float = 0.0625  # weight of KL(base ‖ edited) on "{subject} is a"
+    weight_decay: float = 0.5  # weight of ‖δ‖² / ‖m‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖ (m: unedited output at the fact token)
+    stop_loss: float = 5.0e-2  # stop once the mean target NLL is below this
+
+
+@dataclass(frozen=True)
+class Value:
+    delta: Tensor  # δ (d_out,): change of the mlp_out output at the fact token
+    value: Tensor  # v* = W k* + δ (d_out,)
+    nll: float  # mean target NLL per token at the end
+
+
+class _AddAt:
+    """Forward hook adding ``delta`` to a module's output at one position per row."""
+
+    def __init__(self, delta: Tensor):
+        self.delta, self.onehot = delta, None  # onehot: (B, T, 1)
+
+    def __call__(self, module, args, output):
+        return output + self.onehot * self.delta
+
+
+def _onehot(lm: EditedLM, lengths: Sequence[int], idxs: Sequence[int]) -> Tensor:
+    T = max(lengths)
+    onehot = torch.zeros(len(lengths), T, 1, device=lm.device)
+    for r, (n, i) in enumerate(zip(lengths, idxs)):
+        onehot[r, T - n + i] = 1.0  # left padding: token i of a row of n tokens sits at T - n + i
+    return onehot
+
+
+def _kl_logprobs(lm: EditedLM, texts: Sequence[str]) -> Tensor:
+    embeds, mask, pos = lm.embed(list(texts), prefixes=None)
+    logits = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                      logits_to_keep=1).logits[:, -1].float()  # (B, V): next token after "{subject} is a"
+    return torch.log_softmax(logits, -1)
+
+
+def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
+                  context_prefixes: Sequence[str] = CONTEXT_PREFIXES[:5], options: ValueOptions = ValueOptions(),
+                  fact_token: FactToken = "subject_last") -> Value:
+    """v* for ``request`` at ``layer`` (ROME §3.1, eq. 4):
+
+    ``δ = argmin  mean_j −log P[target | x_j + prompt, m += δ]  +  kl_factor · KL(P[· | s is a] ‖ P'[· | s is a])
+    + weight_decay · ‖δ‖²/‖m‖²``, with ``‖δ‖ ≤ clamp_norm_factor · ‖m‖`` after every step, and
+    ``v* = W k* + δ``. Without a subject (``fact_token="last"``) there is no essence prompt and no KL term.
+    """
+    module = lm.module(lm.spec.mlp_out.format(layer))
+    weight = module.weight
+    texts, idxs = _texts_and_indices(lm, request, context_prefixes, fact_token)
+    targets = [request.target_new] * len(texts)
+    n_target = len(lm.target_ids(request.target_new))
+    rewrite_onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in texts], idxs)
+    kl_texts = [KL_TEMPLATE.format(request.subject)] if request.subject is not None and options.kl_factor > 0 else []
+    if kl_texts:
+        kl_onehot = _onehot(lm, [len(lm.prompt_ids(kl_texts[0]))], [fact_index(lm, kl_texts[0], request.subject, fact_token)])
+        with torch.no_grad():
+            base_kl_logp = _kl_logprobs(lm, kl_texts)  # (1, V)
+    m = capture(lm, lm.spec.mlp_out.format(layer), texts[:1], idxs[:1], what="output")[0]  # unedited output (d_out,)
+    max_norm = options.clamp_norm_factor * m.norm()
+    delta = torch.zeros_like(m, requires_grad=True)
+    adder = _AddAt(delta)
+    opt = torch.optim.Adam([delta], lr=options.lr)
+    handle = module.register_forward_hook(adder)
+    try:
+        for step in range(options.steps):
+            opt.zero_grad(set_to_none=True)
+            adder.onehot = rewrite_onehot
+            logp, _, _, mask = lm.target_logprobs(texts, targets, prefixes=None)  # (B, L)
+            nll = -(logp * mask).sum() / mask.sum()
+            loss = nll + options.weight_decay * delta.norm() ** 2 / m.norm() ** 2
+            if kl_texts:
+                adder.onehot = kl_onehot
+                kl = F.kl_div(_kl_logprobs(lm, kl_texts), base_kl_logp, log_target=True, reduction="batchmean")
+                loss = loss + options.kl_factor * kl
+            if nll.item() < options.stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    log.debug("v* for %r: %d steps, nll %.4f, |δ| %.3f, |m| %.3f", request.prompt, step + 1, nll.item(),
+              delta.norm().item(), m.norm().item())
+    delta = delta.detach()
+    return Value(delta=delta, value=weight @ key + delta, nll=nll.item())
+
+
+# ---- covariance ------------------------------------------------------------------------------
+class CovarianceSource(Protocol):
+    """Text for the key statistics: ``n_samples`` token-id sequences for ``lm``."""
+
+    tag: str  # names the data in the cache file name ("wikitext", ...)
+    cacheable: bool  # False: statistics live on the object only (cheap test sources)
+
+    def samples(self, lm: EditedLM, n_samples: int) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class WikiTextSource:
+    """The first ``n_samples`` WikiText-2 paragraphs (``load_wikitext``), each cut to ``max_tokens``."""
+
+    data_dir: str | Path | None = None  # None: $RECIPE_DATA_DIR
+    split: str = "test"
+    max_tokens: int = 128
+    tag: str = "wikitext"
+    cacheable: bool = True
+
+    def samples(self, lm: EditedLM, n_samples: int) -> list[list[int]]:
+        from recipe.data import load_wikitext
+
+        paragraphs = load_wikitext(self.data_dir, self.split)[:n_samples]
+        return [lm.tokenizer(p, add_special_tokens=False).input_ids[: self.max_tokens] for p in paragraphs]
+
+
+@dataclass(frozen=True)
+class RandomTokenSource:
+    """Uniformly random token sequences under a fixed seed: for tests (never cached on disk)."""
+
+    length: int = 16
+    seed: int = 0
+    tag: str = "random"
+    cacheable: bool = False
+
+    def samples(self, lm: EditedLM, n_samples: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, len(lm.tokenizer), (n_samples, self.length), generator=gen).tolist()
+
+
+COVARIANCE_SOURCES: dict[str, Callable[[], CovarianceSource]] = {"wikitext": WikiTextSource,
+                                                                  "random-tokens": RandomTokenSource}
+
+
+class KeyCovariance:
+    """``C = E[k kᵀ]`` of the ``mlp_out`` input per layer (float64, (d_in, d_in)), from ``source``.
+
+    Cached under ``$RECIPE_CACHE/covariance/<model>/<layer>-<n_samples>.safetensors`` (sources other
+    than WikiText add ``-<tag>``) and on the object; a second run reads the file and never asks the source.
+    """
+
+    def __init__(self, lm: EditedLM, source: CovarianceSource, n_samples: int, batch_size: int = 16):
+        if n_samples < 1:
+            raise RecipeError(f"n_cov_samples must be >= 1, got {n_samples}")
+        self.lm, self.source, self.n_samples, self.batch_size = lm, source, n_samples, batch_size
+        self._stats: dict[int, Tensor] = {}
+
+    def path(self, layer: int) -> Path:
+        from recipe.models import cache_dir
+
+        tag = "" if self.source.tag == "wikitext" else f"-{self.source.tag}"
+        model = self.lm.spec.name.replace("/", "--")
+        return cache_dir() / "covariance" / model / f"{layer}-{self.n_samples}{tag}.safetensors"
+
+    def __call__(self, layer: int) -> Tensor:
+        if layer not in self._stats:
+            self._stats[layer] = self._load_or_compute(layer)
+        return self._stats[layer]
+
+    def _load_or_compute(self, layer: int) -> Tensor:
+        from safetensors.torch import load_file, save_file
+
+        path = self.path(layer)
+        if self.source.cacheable and path.exists():
+            log.info("key covariance of layer %d from %s", layer, path)
+            return load_file(path)["mom2"].to(self.lm.device)
+        try:
+            samples = self.source.samples(self.lm, self.n_samples)
+        except RecipeError as err:
+            raise RecipeError(f"no cached key covariance at {path} and its text is not available: {err}") from None
+        mom2 = self._second_moment(layer, samples)
+        if self.source.cacheable:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"mom2": mom2.cpu().contiguous()}, str(path),
+                      metadata={"model": self.lm.spec.name, "layer": str(layer), "samples": str(len(samples))})
+        return mom2
+
+    @torch.no_grad()
+    def _second_moment(self, layer: int, samples: list[list[int]]) -> Tensor:
+        samples = [s for s in samples if s]
+        if not samples:
+            raise RecipeError(f"covariance source {self.source.tag!r} gave no tokens")
+        module = self.lm.module(self.lm.spec.mlp_out.format(layer))
+        total, count, got = None, 0, {}
+
+        def hook(mod, args):
+            got["x"] = args[0]
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for s in range(0, len(samples), self.batch_size):
+                batch = samples[s:s + self.batch_size]
+                T = max(len(b) for b in batch)
+                ids = torch.full((len(batch), T), self.lm.tokenizer.pad_token_id, device=self.lm.device)
+                mask = torch.zeros(len(batch), T, dtype=torch.long, device=self.lm.device)
+                for r, b in enumerate(batch):
+                    ids[r, :len(b)] = torch.tensor(b, device=self.lm.device)
+                    mask[r, :len(b)] = 1
+                try:
+                    self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                keys = got["x"][mask.bool()].double()  # (N, d_in)
+                total = keys.T @ keys if total is None else total + keys.T @ keys
+                count += keys.shape[0]
+        finally:
+            handle.remove()
+        log.info("key covariance of layer %d over %d samples, %d tokens", layer, len(samples), count)
+        return total / count  # (d_in, d_in)
