@@ -9,5 +9,5 @@ run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; 
         cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$out/$name/"; }
 run ft-zsre          --editor ft   --dataset zsre        --edits 1,10,100 --cases 100
 run none-zsre        --editor none --dataset zsre        --edits 1037
-run none-counterfact --editor none --dataset counterfact --edits 2000
+run none-counterfact --editor none --dataset counterfact --edits 1000
 run ft-counterfact   --editor ft   --dataset counterfact --edits 1,10,100 --cases 100

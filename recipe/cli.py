@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="edit the bundled model with the built-in demo facts and show "
                                        "generate() before/after for edit prompts, paraphrases and unrelated prompts")
-    common(demo, "ft")
+    common(demo, "recipe")
     demo.add_argument("--edits", type=int, default=8, help="how many demo edits to apply (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.set_defaults(func=cmd_demo)

@@ -52,3 +52,23 @@ def test_ft_single_edit_and_bit_exact_rollback(lm):
     assert lm.score([request.prompt], [request.target_new])[0].accuracy == 1.0
     editor.rollback()
     assert torch.equal(lm.model(**ids).logits, base)
+
+
+def test_shipped_recipe_checkpoint_edits_and_leaves_unrelated_prompts_alone(lm):
+    """The committed checkpoint: demo edits take effect; rejected prompts see the exact base model."""
+    from recipe.data import load_dataset
+
+    cases = load_dataset("demo")[:8]
+    unrelated = [c.locality[0].prompt for c in cases]
+    base = lm.generate(unrelated, max_new_tokens=6)
+    editor = load_editor("recipe", lm)  # configs/editors/recipe.yaml -> checkpoints/recipe-smollm2
+    for c in cases:
+        editor.edit(c.requests)
+    scores = lm.score([c.request.prompt for c in cases], [c.request.target_new for c in cases])
+    assert sum(s.accuracy for s in scores) / len(scores) >= 0.9
+    after = lm.generate(unrelated, max_new_tokens=6)
+    rejected = [i for i, r in enumerate(editor.last_retrieval) if r.edit_id is None]
+    assert len(rejected) >= len(unrelated) // 2
+    assert all(after[i] == base[i] for i in rejected)  # no prefix at all -> identical output
+    editor.rollback()
+    assert lm.prefix_provider is None
