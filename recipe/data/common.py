@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recipe.errors import RecipeError, UnknownNameError
-from recipe.types import EditCase, Probe
+from recipe.types import EditCase, EditRequest, Probe
 
 
 class DataDirError(RecipeError):
@@ -139,6 +139,17 @@ class Record:
                 if alias.strip() and alias not in flat:
                     flat.append(alias)
         return flat
+
+
+def knowedit_request(record: "Record") -> EditRequest:
+    """The edit of a KnowEdit-layout record (zsRE and the RippleEdits-derived files share it)."""
+    truths = record.answers("ground_truth", required=False)
+    return EditRequest(
+        prompt=record.text("prompt"),
+        target_new=record.text("target_new"),
+        subject=record.text("subject"),
+        target_true=truths[0] if truths else None,
+    )
 
 
 @dataclass

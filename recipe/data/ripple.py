@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe.data.common import ProbeSet, Record, convert
-from recipe.types import EditCase, EditRequest
+from recipe.data.common import ProbeSet, Record, convert, knowedit_request
+from recipe.types import EditCase
 
 GENERALITY_GROUPS = ("Logical_Generalization", "Reasoning", "Subject_Aliasing")
 LOCALITY_GROUPS = ("Relation_Specificity", "Forgetfulness")
@@ -28,13 +28,8 @@ GROUP_SPELLINGS = {"Relation_Specifity": "Relation_Specificity"}
 
 def ripple_case(record: Record, dataset: str) -> EditCase:
     """One KnowEdit RippleEdits record -> an ``EditCase`` (case id ``<dataset>/<index>``)."""
+    request = knowedit_request(record)
     truths = record.answers("ground_truth", required=False)
-    request = EditRequest(
-        prompt=record.text("prompt"),
-        target_new=record.text("target_new"),
-        subject=record.text("subject"),
-        target_true=truths[0] if truths else None,
-    )
     probes = ProbeSet()
     if record.has("rephrase"):
         probes.add("generality", record.get("rephrase", str), request.target_new, "rephrase")

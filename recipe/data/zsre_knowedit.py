@@ -18,21 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from recipe.data.common import ProbeSet, Record, convert
+from recipe.data.common import ProbeSet, Record, convert, knowedit_request
 from recipe.data.zsre import load_zsre
 from recipe.errors import RecipeError
-from recipe.types import EditCase, EditRequest
+from recipe.types import EditCase
 
 
 def knowedit_zsre_case(record: Record, dataset: str) -> EditCase:
     """One KnowEdit zsRE record -> an ``EditCase`` (case id ``<dataset>/<index in the file>``)."""
+    request = knowedit_request(record)
     truths = record.answers("ground_truth", required=False)
-    request = EditRequest(
-        prompt=record.text("prompt"),
-        target_new=record.text("target_new"),
-        subject=record.text("subject"),
-        target_true=truths[0] if truths else None,
-    )
     probes = ProbeSet()
     probes.add("generality", record.get("rephrase_prompt", str, required=False), request.target_new, "rephrase")
     for section, kind in (("locality", "locality"), ("portability", "portability")):
