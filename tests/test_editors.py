@@ -11,6 +11,8 @@ REQUEST = EditRequest("The capital of France is", "Rome", subject="France")
 PROBES = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox"]
 # Settings that let each editor move a tiny random model within a unit test's time.
 FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0},
+        "ftm": {"layer": 2, "steps": 20, "lr": 5.0e-2},
+        "tpatcher": {"layer": 3, "steps": 30, "lr": 5.0e-2},
         "recipe": {"architecture": {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "prompt_width": 32},
                    "sentinel_mode": "fixed", "threshold": -1.0e9, "duplicates": "replace", "refine_steps": 20,
                    "refine_lr": 0.5},

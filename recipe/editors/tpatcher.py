@@ -1,0 +1,285 @@
+"""T-Patcher: one new FFN neuron per edit (Huang et al. 2023, "Transformer-Patcher: One Mistake worth One Neuron").
+
+Each edit adds a patch ``(k, b, v)``, k ∈ R^{d_in}, b ∈ R, v ∈ R^{d_out}, to the MLP of one layer
+(default: the last layer, as in the paper), so that the MLP computes
+
+    mlp'(x) = mlp(x) + Σ_p v_p · relu(k_p · x + b_p)          (x: the MLP input, after the layer norm)
+
+Llama/Gemma MLPs are gated (``down(act(gate x) * up x)``), so a neuron cannot be appended to their
+hidden layer with the MLP's own activation alone; the patch is an extra ReLU term on the MLP output,
+computed from the MLP input. A patch whose pre-activation ``k·x + b`` is negative adds exactly 0, so
+on inputs where no patch fires the output equals the unpatched MLP's bit-exactly.
+
+Training one patch (T-Patcher §3.2, eq. 8), every earlier patch frozen:
+
+    L = l_e + act_weight · l_a + memory_weight · (l_m1 + l_m2)
+    l_e  = NLL of the target tokens after the prompt
+    l_a  = mean exp(act_margin − a_e)               a_e: pre-activation at the positions that predict target tokens
+    l_m1 = topk-mean exp(a_m − memory_margin)       a_m: pre-activation on every token of the memory texts
+    l_m2 = topk-mean exp(a_m − a_e + gap_margin)
+
+The memory texts are a few fixed neutral sentences (``memory_sentences``) plus the prompts of earlier
+edits; texts that start with the edit's prompt are left out (their hidden states equal the edit's).
+The key starts at ``x_e / ‖x_e‖²`` (so ``a_e = 1`` at the prompt's last token), b and v at 0.
+
+The layer's MLP module is swapped for a :class:`PatchedMLP` that holds the original module; rollback
+puts the original object back. Each edit id is one patch, so ``remove`` undoes single edits.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.errors import IncompatibleError, RecipeError
+from recipe.types import EditId, EditRequest
+
+log = logging.getLogger(__name__)
+
+NEUTRAL_SENTENCES = (
+    "It was a quiet morning and the streets were still empty.",
+    "She opened the window and looked at the garden.",
+    "Please remember to bring an umbrella tomorrow.",
+    "The meeting has been moved to next week.",
+    "He poured a cup of tea and sat down to read.",
+    "Numbers can be added, subtracted, multiplied and divided.",
+)
+
+
+@dataclass
+class TPatcherConfig(EditorConfig):
+    layer: int | None = None  # layer whose MLP gets the patches; None: edit_layers.tpatcher, else the last layer
+    steps: int = 100  # most Adam steps per patch
+    lr: float = 1.0e-2  # Adam learning rate on (k, b, v)
+    act_weight: float = 1.0  # weight of the activation loss l_a (T-Patcher's a)
+    memory_weight: float = 10.0  # weight of the memory loss l_m1 + l_m2 (T-Patcher's m)
+    act_margin: float = 0.0  # l_a pushes the edit pre-activation above this
+    memory_margin: float = -1.0  # l_m1 pushes memory pre-activations below this (T-Patcher's β, ≤ 0)
+    gap_margin: float = 1.0  # l_m2 keeps edit pre-activations this far above memory ones (T-Patcher's γ)
+    memory_topk: int = 1000  # l_m1, l_m2 average their k largest terms
+    memory_size: int = 1000  # most recent earlier-edit prompts kept in the memory bank
+    memory_sentences: list[str] = field(default_factory=lambda: list(NEUTRAL_SENTENCES))  # fixed unrelated memory texts
+    stop_loss: float = 5.0e-2  # stop once target NLL < this, the neuron fires on the edit and on no memory token
+
+
+@dataclass
+class Patch:
+    """One neuron: key (d_in,), bias (), value (d_out,)."""
+
+    key: Tensor
+    bias: Tensor
+    value: Tensor
+
+
+class PatchedMLP(nn.Module):
+    """``mlp(x) + relu(x K^T + b) V`` over the frozen patches (and the one in training, if any)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp  # the original module object, put back on rollback
+        self.patches: dict[EditId, Patch] = {}  # frozen patches in id order
+        self.training_patch: Patch | None = None  # the patch being trained (requires grad)
+        self.capture = False  # keep the last input in ``captured`` (for keys and activation losses)
+        self.captured: Tensor | None = None
+        self._stacked: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def add(self, edit_id: EditId, patch: Patch) -> None:
+        self.patches[edit_id] = patch
+        self._stacked = None
+
+    def drop(self, edit_id: EditId) -> None:
+        del self.patches[edit_id]
+        self._stacked = None
+
+    def _frozen(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        if self._stacked is None and self.patches:
+            ps = list(self.patches.values())
+            self._stacked = (torch.stack([p.key for p in ps]), torch.stack([p.bias for p in ps]),
+                             torch.stack([p.value for p in ps]))  # (n, d_in), (n,), (n, d_out)
+        return self._stacked
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mlp(x)  # (B, T, d_out)
+        if self.capture:
+            self.captured = x  # (B, T, d_in)
+        parts = [t for t in (self._frozen(), self._training()) if t is not None]
+        if not parts:
+            return out
+        keys, biases, values = (torch.cat(ts) for ts in zip(*parts))
+        act = torch.relu(x @ keys.T + biases)  # (B, T, n)
+        return out + act @ values  # (B, T, d_out)
+
+    def _training(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        p = self.training_patch
+        return None if p is None else (p.key[None], p.bias[None], p.value[None])
+
+
+def _topk_mean(x: Tensor, k: int) -> Tensor:
+    x = x.reshape(-1)
+    return x.topk(min(k, x.numel())).values.mean()
+
+
+@register_editor
+class TPatcherEditor(Editor):
+    name = "tpatcher"
+    config_cls = TPatcherConfig
+
+    def __init__(self, lm, config: TPatcherConfig | None = None):
+        super().__init__(lm, config)
+        configured = self.config.layer
+        if configured is None:
+            configured = self.lm.spec.edit_layers.get(self.name, -1)  # the paper patches the last FFN layer
+        self.layer = self.default_layer(configured)
+        self.mlp_path(self.layer)  # clear error if the path is wrong
+        if self.config.steps < 1:
+            raise RecipeError(f"tpatcher needs steps >= 1, got {self.config.steps}")
+        self.wrappers: dict[int, PatchedMLP] = {}  # layer -> installed wrapper
+        self.patch_layer: dict[EditId, int] = {}  # edit id -> layer of its patch
+        self.memory_prompts: list[str] = []  # prompts of earlier edits (memory bank)
+
+    # ---- module swap -------------------------------------------------------------------------
+    def mlp_path(self, layer: int) -> str:
+        """The MLP module of ``layer``: the parent of ``spec.mlp_out`` (``model.layers.{i}.mlp``)."""
+        path = self.lm.spec.mlp_out.format(layer).rsplit(".", 1)[0]
+        self.lm.module(path)
+        return path
+
+    def _wrapper(self, layer: int) -> PatchedMLP:
+        if layer not in self.wrappers:
+            parent_path, child = self.mlp_path(layer).rsplit(".", 1)
+            parent = self.lm.module(parent_path)
+            wrapper = PatchedMLP(getattr(parent, child))
+            setattr(parent, child, wrapper)
+            self.wrappers[layer] = wrapper
+        return self.wrappers[layer]
+
+    def _uninstall(self, layer: int) -> None:
+        parent_path, child = self.mlp_path(layer).rsplit(".", 1)
+        setattr(self.lm.module(parent_path), child, self.wrappers.pop(layer).mlp)
+
+    # ---- the protocol ------------------------------------------------------------------------
+    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+        wrapper = self._wrapper(self.layer)
+        for request, edit_id in zip(requests, ids):  # one neuron per request, one after another
+            patch = self._train_patch(wrapper, request)
+            wrapper.add(edit_id, patch)
+            self.patch_layer[edit_id] = self.layer
+            self.memory_prompts = (self.memory_prompts + [request.prompt])[-self.config.memory_size:]
+
+    def remove(self, ids: Sequence[EditId]) -> None:
+        unknown = [i for i in ids if i not in self.patch_layer]
+        if unknown:
+            raise RecipeError(f"no T-Patcher patch with edit id(s) {unknown}")
+        for edit_id in dict.fromkeys(ids):  # each id once, in order
+            layer = self.patch_layer.pop(edit_id)
+            self.wrappers[layer].drop(edit_id)
+            if not self.wrappers[layer].patches:
+                self._uninstall(layer)
+
+    def rollback(self) -> None:
+        for layer in list(self.wrappers):
+            self._uninstall(layer)
+        self.patch_layer.clear()
+        self.memory_prompts.clear()
+        self._next_id = 0
+
+    def state_dict(self) -> dict:
+        patches = [{"id": i, "layer": layer, "key": p.key.cpu().clone(), "bias": p.bias.cpu().clone(),
+                    "value": p.value.cpu().clone()}
+                   for layer, w in self.wrappers.items() for i, p in w.patches.items()]
+        return {**super().state_dict(), "patches": sorted(patches, key=lambda d: d["id"]),
+                "memory_prompts": list(self.memory_prompts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace every current patch by the saved ones."""
+        super().load_state_dict(state)
+        next_id = self._next_id
+        self.rollback()
+        self._next_id = next_id
+        for saved in state.get("patches", []):
+            layer = self.default_layer(int(saved["layer"]))
+            wrapper = self._wrapper(layer)
+            ref = next(wrapper.mlp.parameters())
+            patch = Patch(*(saved[k].to(ref.device, ref.dtype) for k in ("key", "bias", "value")))
+            d_in = d_out = self.lm.hidden_size  # the MLP reads and writes the residual stream
+            if patch.key.shape != (d_in,) or patch.value.shape != (d_out,) or patch.bias.shape != ():
+                raise IncompatibleError(f"saved patch {saved['id']} has shapes {tuple(patch.key.shape)}, "
+                                        f"{tuple(patch.value.shape)}; this model needs ({d_in},), ({d_out},)")
+            wrapper.add(int(saved["id"]), patch)
+            self.patch_layer[int(saved["id"])] = layer
+        self.memory_prompts = list(state.get("memory_prompts", []))
+
+    # ---- training one patch ------------------------------------------------------------------
+    @torch.no_grad()
+    def _memory_inputs(self, wrapper: PatchedMLP, prompt: str) -> Tensor:
+        """MLP inputs (M, d_in) at every real token of the memory texts unrelated to ``prompt``."""
+        texts = [t for t in [*self.config.memory_sentences, *self.memory_prompts] if not t.startswith(prompt)]
+        if not texts:
+            return torch.empty(0, self.lm.hidden_size, device=self.lm.device)
+        rows = []
+        wrapper.capture = True
+        try:
+            for s in range(0, len(texts), self.lm.max_batch):
+                embeds, mask, pos = self.lm.embed(texts[s:s + self.lm.max_batch], prefixes=None)
+                self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                              use_cache=False)
+                rows.append(wrapper.captured[mask.bool()])  # (tokens, d_in)
+        finally:
+            wrapper.capture, wrapper.captured = False, None
+        return torch.cat(rows)  # (M, d_in)
+
+    def _edit_forward(self, wrapper: PatchedMLP, request: EditRequest) -> tuple[Tensor, Tensor]:
+        """Target NLL and the MLP inputs (n_t, d_in) at the positions that predict the target tokens."""
+        wrapper.capture = True
+        try:
+            logp, _, _, mask = self.lm.target_logprobs([request.prompt], [request.target_new], prefixes=None)
+            x = wrapper.captured[0]  # (T, d_in)
+        finally:
+            wrapper.capture, wrapper.captured = False, None
+        n_t, T = int(mask.sum().item()), x.shape[0]
+        nll = -(logp * mask).sum() / mask.sum()
+        return nll, x[T - n_t - 1:T - 1]  # position j predicts target token j + 1 - (T - n_t)
+
+    def _train_patch(self, wrapper: PatchedMLP, request: EditRequest) -> Patch:
+        cfg = self.config
+        memory = self._memory_inputs(wrapper, request.prompt)  # (M, d_in)
+        with torch.no_grad():
+            _, x_e = self._edit_forward(wrapper, request)
+        last = x_e[0]  # the prompt's last token
+        patch = Patch(key=(last / last.pow(2).sum()).clone().requires_grad_(True),  # a_e = 1 there
+                      bias=last.new_zeros(()).requires_grad_(True),
+                      value=last.new_zeros(self.lm.hidden_size).requires_grad_(True))
+        wrapper.training_patch = patch
+        opt = torch.optim.Adam([patch.key, patch.bias, patch.value], lr=cfg.lr)
+        try:
+            for step in range(cfg.steps):
+                opt.zero_grad(set_to_none=True)
+                nll, x_e = self._edit_forward(wrapper, request)
+                a_e = x_e @ patch.key + patch.bias  # (n_t,)
+                a_m = memory @ patch.key + patch.bias  # (M,)
+                if self._done(nll, a_e, a_m):
+                    break
+                loss = nll + cfg.act_weight * torch.exp(cfg.act_margin - a_e).mean()  # l_e + a·l_a
+                if a_m.numel():
+                    l_m1 = _topk_mean(torch.exp(a_m - cfg.memory_margin), cfg.memory_topk)
+                    l_m2 = _topk_mean(torch.exp(a_m[:, None] - a_e[None, :] + cfg.gap_margin), cfg.memory_topk)
+                    loss = loss + cfg.memory_weight * (l_m1 + l_m2)  # + m·l_m
+                loss.backward()
+                opt.step()
+        finally:
+            wrapper.training_patch = None
+        done = Patch(*(t.detach().clone() for t in (patch.key, patch.bias, patch.value)))
+        a_m = memory @ done.key + done.bias  # (M,)
+        log.debug("tpatcher: %d steps, nll %.4f", step + 1, nll.item())
+        if a_m.numel() and a_m.max().item() >= 0:
+            log.warning("tpatcher patch for %r still fires on a memory token (max pre-activation %.3f)",
+                        request.prompt, a_m.max().item())
+        return done
+
+    def _done(self, nll: Tensor, a_e: Tensor, a_m: Tensor) -> bool:
+        fires_on_memory = a_m.numel() > 0 and a_m.max().item() >= 0
+        return nll.item() < self.config.stop_loss and a_e.min().item() > 0 and not fires_on_memory

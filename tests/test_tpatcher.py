@@ -1,0 +1,130 @@
+"""T-Patcher (one neuron per edit) on the tiny random Llama; plus FT-M's fixed-bound config."""
+import pytest
+import torch
+
+from recipe.editors import load_editor
+from recipe.editors.tpatcher import NEUTRAL_SENTENCES, PatchedMLP
+from recipe.errors import ConfigError, RecipeError
+from recipe.testing import tiny_lm
+from recipe.types import EditRequest
+
+FAST = {"layer": 3, "steps": 30, "lr": 5.0e-2}
+FRANCE = EditRequest("The capital of France is", "Rome")
+JUDE = EditRequest("Hey Jude was performed by", "Madonna")
+PROBES = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _logits(lm):
+    ids = lm.tokenizer(PROBES, return_tensors="pt", padding=True)
+    return lm.model(**ids).logits
+
+
+def _mlp_inputs(lm, module, texts):
+    """The inputs (tokens, d_in) ``module`` sees on every real token of ``texts``."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            embeds, mask, pos = lm.embed(texts, prefixes=None)
+            lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+    finally:
+        handle.remove()
+    return seen[0][mask.bool()]
+
+
+def test_patch_writes_the_target_and_stays_off_on_memory():
+    lm = tiny_lm()
+    editor = load_editor("tpatcher", lm, FAST)
+    assert lm.score([FRANCE.prompt], [FRANCE.target_new])[0].accuracy == 0.0
+    (edit_id,) = editor.edit([FRANCE])
+    assert lm.score([FRANCE.prompt], [FRANCE.target_new])[0].accuracy == 1.0
+    wrapper = lm.model.model.layers[3].mlp
+    assert isinstance(wrapper, PatchedMLP) and list(wrapper.patches) == [edit_id]
+    patch = wrapper.patches[edit_id]
+    memory = _mlp_inputs(lm, wrapper, list(NEUTRAL_SENTENCES))  # (M, d_in)
+    assert (memory @ patch.key + patch.bias).max() <= 0  # the neuron is off on every memory token
+    edit_input = _mlp_inputs(lm, wrapper, [FRANCE.prompt])[-1]  # the prompt's last token
+    assert edit_input @ patch.key + patch.bias > 0  # ... and fires on the edit
+
+
+def test_earlier_edit_prompts_join_the_memory():
+    lm = tiny_lm()
+    editor = load_editor("tpatcher", lm, FAST)
+    first, second = editor.edit([FRANCE, JUDE])  # one neuron per request
+    wrapper = lm.model.model.layers[3].mlp
+    assert list(wrapper.patches) == [first, second] and editor.memory_prompts == [FRANCE.prompt, JUDE.prompt]
+    earlier = _mlp_inputs(lm, wrapper, [FRANCE.prompt])
+    assert (earlier @ wrapper.patches[second].key + wrapper.patches[second].bias).max() <= 0
+
+
+def test_remove_undoes_single_patches():
+    lm = tiny_lm()
+    base = _logits(lm)
+    editor = load_editor("tpatcher", lm, FAST)
+    (first,) = editor.edit([FRANCE])
+    after_first = _logits(lm)
+    (second,) = editor.edit([JUDE])
+    assert not torch.equal(_logits(lm), after_first)
+    editor.remove([second])
+    assert torch.equal(_logits(lm), after_first)  # exactly the outputs before that edit
+    (third,) = editor.edit([JUDE])
+    editor.remove([first])  # the other patch stays
+    assert list(editor.wrappers[3].patches) == [third]
+    assert lm.score([FRANCE.prompt], [FRANCE.target_new])[0].accuracy == 0.0
+    with pytest.raises(RecipeError, match="edit id"):
+        editor.remove([first])
+    editor.remove([third])  # no patch left: the original MLP is back
+    assert not isinstance(lm.model.model.layers[3].mlp, PatchedMLP)
+    assert torch.equal(_logits(lm), base)
+
+
+def test_rollback_puts_the_original_module_back():
+    lm = tiny_lm()
+    original = lm.model.model.layers[3].mlp
+    base = _logits(lm)
+    editor = load_editor("tpatcher", lm, FAST)
+    editor.edit([FRANCE, JUDE])
+    assert lm.model.model.layers[3].mlp is not original
+    editor.rollback()
+    assert lm.model.model.layers[3].mlp is original
+    assert torch.equal(_logits(lm), base)
+    assert editor.state_dict()["patches"] == [] and editor.edit([FRANCE]) == [0]
+
+
+def test_state_dict_round_trip_on_a_fresh_model():
+    lm_a, lm_b = tiny_lm(), tiny_lm()
+    editor_a = load_editor("tpatcher", lm_a, FAST)
+    ids = editor_a.edit([FRANCE, JUDE])
+    state = editor_a.state_dict()
+    assert [(p["id"], p["layer"]) for p in state["patches"]] == [(ids[0], 3), (ids[1], 3)]
+    editor_b = load_editor("tpatcher", lm_b, FAST)
+    editor_b.edit([EditRequest("The quick brown fox", "cat")])  # replaced by the loaded state
+    editor_b.load_state_dict(state)
+    assert torch.equal(_logits(lm_a), _logits(lm_b))
+    assert editor_b.memory_prompts == editor_a.memory_prompts
+    editor_a.remove([ids[0]])
+    editor_b.remove([ids[0]])  # single patches stay removable after a reload
+    assert torch.equal(_logits(lm_a), _logits(lm_b))
+
+
+def test_default_layer_is_the_last():
+    lm = tiny_lm()  # the tiny spec has no edit_layers.tpatcher
+    assert load_editor("tpatcher", lm, {"steps": 1}).layer == lm.model.config.num_hidden_layers - 1
+
+
+def test_ftm_has_no_norm_bound():
+    lm = tiny_lm()
+    editor = load_editor("ftm", lm, {"layer": 2})
+    assert editor.config.norm_constraint == 0.0
+    with pytest.raises(ConfigError, match="norm_constraint"):
+        load_editor("ftm", lm, {"layer": 2, "norm_constraint": 0.1})
+    with pytest.raises(RecipeError, match="edit_layers.ftm"):
+        load_editor("ftm", lm, {})  # the tiny spec names no FT-M layer
