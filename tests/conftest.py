@@ -34,3 +34,14 @@ def tiny():
     from recipe.testing import tiny_lm
 
     return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread (and far faster than two on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

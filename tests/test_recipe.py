@@ -23,13 +23,7 @@ ACCEPT_ALL = {"sentinel_mode": "fixed", "threshold": -1.0e9}
 REJECT_ALL = {"sentinel_mode": "fixed", "threshold": 1.0e9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(lm, **kw) -> RecipeEditor:

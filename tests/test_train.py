@@ -17,12 +17,7 @@ ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks":
 LOSSES = ["retrieval_edit", "retrieval_sentinel", "retrieval_locality", "reliability", "generality", "locality"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
