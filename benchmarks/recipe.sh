@@ -13,4 +13,4 @@ run() { name=$1; dataset=$2; shift 2
 run recipe-zsre-lifelong        zsre        --edits 1037
 run recipe-zsre                 zsre        --edits 1,10,100 --cases 100
 run recipe-counterfact-lifelong counterfact --edits 1000 --cases 1000
-run recipe-ripple-lifelong      ripple-recent-test --edits 1266 --no-generation
+run recipe-ripple-lifelong      ripple-recent-test --edits 1266 --no-generation  # session 1: did not finish in time
