@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from recipe.editors import rank_one
-from recipe.editors.base import EditorConfig, WeightEditor, register_editor
-from recipe.editors.rome import check_subjects, context_prefixes, make_covariance, value_options
+from recipe.editors.base import EditorConfig, register_editor
+from recipe.editors.rome import RankOneEditor, value_options
 from recipe.errors import RecipeError
 from recipe.types import EditId, EditRequest
 
@@ -57,12 +57,12 @@ def memit_layer_update(cov: Tensor, keys: Tensor, resid: Tensor, mom2_weight: fl
 
 
 @register_editor
-class MEMITEditor(WeightEditor):
+class MEMITEditor(RankOneEditor):
     name = "memit"
     config_cls = MEMITConfig
 
     def __init__(self, lm, config: MEMITConfig | None = None, covariance_source: rank_one.CovarianceSource | None = None):
-        super().__init__(lm, config)
+        super().__init__(lm, config, covariance_source)
         layers = list(self.config.layers) or list(self.lm.spec.edit_layers.get("memit") or [])
         if not layers:
             raise RecipeError(f"no layers configured for 'memit' and model {lm.spec.name!r} has no edit_layers.memit "
@@ -70,13 +70,6 @@ class MEMITEditor(WeightEditor):
         self.layers = sorted({self.default_layer(layer) for layer in layers})
         for layer in self.layers:
             self.lm.module(self.lm.spec.mlp_out.format(layer))  # clear error if the path is wrong
-        self.prefixes = context_prefixes(self.config)
-        self.covariance = make_covariance(lm, self.config, covariance_source)
-
-    def _check(self, requests):
-        requests = super()._check(requests)
-        check_subjects(requests, self.config.fact_token, self.name)
-        return requests
 
     def _hidden(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
         """Residual stream after decoder ``layer`` at each request's fact token, bare prompt: (n, H)."""

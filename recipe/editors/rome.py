@@ -81,17 +81,11 @@ def rank_one_update(weight: Tensor, cov: Tensor, key: Tensor, value: Tensor) -> 
     return torch.outer(lam, c_inv_k)
 
 
-@register_editor
-class ROMEEditor(WeightEditor):
-    name = "rome"
-    config_cls = ROMEConfig
+class RankOneEditor(WeightEditor):
+    """What ROME and MEMIT share: context prefixes, key covariance, the subject check on requests."""
 
-    def __init__(self, lm, config: ROMEConfig | None = None, covariance_source: rank_one.CovarianceSource | None = None):
+    def __init__(self, lm, config=None, covariance_source: rank_one.CovarianceSource | None = None):
         super().__init__(lm, config)
-        self.layer = self.default_layer(self.config.layer)
-        self.module_path = self.lm.spec.mlp_out.format(self.layer)
-        self.param_name = f"{self.module_path}.weight"
-        self.lm.module(self.module_path)  # clear error if the path is wrong
         self.prefixes = context_prefixes(self.config)
         self.covariance = make_covariance(lm, self.config, covariance_source)
 
@@ -99,6 +93,19 @@ class ROMEEditor(WeightEditor):
         requests = super()._check(requests)
         check_subjects(requests, self.config.fact_token, self.name)
         return requests
+
+
+@register_editor
+class ROMEEditor(RankOneEditor):
+    name = "rome"
+    config_cls = ROMEConfig
+
+    def __init__(self, lm, config: ROMEConfig | None = None, covariance_source: rank_one.CovarianceSource | None = None):
+        super().__init__(lm, config, covariance_source)
+        self.layer = self.default_layer(self.config.layer)
+        self.module_path = self.lm.spec.mlp_out.format(self.layer)
+        self.param_name = f"{self.module_path}.weight"
+        self.lm.module(self.module_path)  # clear error if the path is wrong
 
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
         cfg = self.config
