@@ -1,5 +1,6 @@
 """RECIPE on the tiny Llama with a tiny random BERT body: exactness when the sentinel rejects, the
 repository's lifecycle, persistence, incompatibility checks, and retrieval on the question only."""
+import json
 import math
 
 import pytest
@@ -138,6 +139,23 @@ def test_vectors_mode_prefix_has_l_rows(tiny):
     statement = make(tiny_lm(), **ACCEPT_ALL)
     statement.edit(REQUESTS[:1])
     (prefix,) = statement._provide(PROMPTS[:1])
+    n_tokens = len(tiny.tokenizer(REQUESTS[0].statement + "\n", add_special_tokens=False).input_ids)
+    assert prefix.shape == (3 + n_tokens, tiny.hidden_size)  # vectors, statement, separator
+    assert statement.separator == "\n"
+
+
+def test_separator_comes_from_the_checkpoint_unless_configured(tiny, tmp_path):
+    editor = make(tiny)
+    save_artifact(editor.networks, tiny, tmp_path / "new", "vectors+statement", statement_separator=" | ")
+    assert make(tiny, checkpoint=str(tmp_path / "new")).separator == " | "
+    assert make(tiny, checkpoint=str(tmp_path / "new"), statement_separator="\n").separator == "\n"
+    meta = json.loads((tmp_path / "new" / "recipe.json").read_text())
+    del meta["statement_separator"]  # artefacts written before the separator existed were trained without one
+    (tmp_path / "new" / "recipe.json").write_text(json.dumps(meta))
+    old = make(tiny, checkpoint=str(tmp_path / "new"), **ACCEPT_ALL)
+    assert old.separator == ""
+    old.edit(REQUESTS[:1])
+    (prefix,) = old._provide(PROMPTS[:1])
     n_tokens = len(tiny.tokenizer(REQUESTS[0].statement, add_special_tokens=False).input_ids)
     assert prefix.shape == (3 + n_tokens, tiny.hidden_size)
 

@@ -17,6 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from recipe.data import load_dataset
+from recipe.errors import ConfigError
 from recipe.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -63,24 +64,41 @@ class RecipeDataModule(L.LightningDataModule):
 
     def __init__(self, datasets: Sequence[str] = TRAIN_DATASETS, data_dir: str | Path | None = None,
                  batch_size: int = 8, val_size: int = 256, limit_per_dataset: int | None = None,
-                 seed: int = 0, num_workers: int = 0, cases: Sequence[EditCase] | None = None):
+                 seed: int = 0, num_workers: int = 0, cases: Sequence[EditCase] | None = None,
+                 repeats: dict[str, int] | None = None):
         super().__init__()
         self.datasets, self.data_dir, self.batch_size = tuple(datasets), data_dir, batch_size
         self.val_size, self.limit, self.seed, self.num_workers = val_size, limit_per_dataset, seed, num_workers
         self._cases = None if cases is None else list(cases)
+        self.repeats = dict(repeats or {})
+        unknown = sorted(set(self.repeats) - set(self.datasets))
+        if unknown or any(not isinstance(n, int) or n < 1 for n in self.repeats.values()):
+            raise ConfigError(f"dataset_repeats must map training sets {list(self.datasets)} to integers >= 1; "
+                              f"got {self.repeats}")
         self.train_examples: list[TrainExample] = []
         self.val_examples: list[TrainExample] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
-        cases = self._cases
-        if cases is None:
-            cases = [c for name in self.datasets for c in load_dataset(name, self.data_dir, self.limit)]
-        examples = examples_from_cases(cases, self.seed)
-        random.Random(self.seed).shuffle(examples)
-        n_val = min(self.val_size, len(examples) // 5)
-        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+        if self._cases is not None:
+            sets = {"cases": self._cases}
+        else:
+            sets = {name: load_dataset(name, self.data_dir, self.limit) for name in self.datasets}
+        val, train = [], []
+        for name, cases in sets.items():  # the validation share of each set is held out before repeating
+            examples = examples_from_cases(cases, self.seed)
+            random.Random(self.seed).shuffle(examples)
+            total = sum(len(c.requests) for cs in sets.values() for c in cs)
+            n_val = min(self.val_size, total // 5) * len(examples) // max(total, 1)
+            val += examples[:n_val]
+            held = {e.prompt for e in examples[:n_val]}
+            train += examples[n_val:]
+            for r in range(1, self.repeats.get(name, 1)):  # repeats draw other paraphrases / locality probes
+                train += [e for e in examples_from_cases(cases, self.seed + r) if e.prompt not in held]
+        random.Random(self.seed).shuffle(train)
+        self.val_examples, self.train_examples = val, train
+        n_val = len(val)
         log.info("RECIPE training data: %d train / %d validation edits", len(self.train_examples), n_val)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recipe.editors.recipe import PrefixMode, RecipeNetworks, build_prefix, statement_token_ids
+from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, build_prefix, statement_token_ids
 from recipe.lm import EditedLM
 from train.data import TrainExample
 
@@ -68,11 +68,13 @@ class RecipeModule(L.LightningModule):
 
     def __init__(self, lm: EditedLM, networks: RecipeNetworks, *, prefix_mode: PrefixMode = "vectors+statement",
                  weights: LossWeights | None = None, lr: float = 1.0e-4, body_lr: float = 2.0e-5,
-                 sentinel_lr: float = 3.0e-3, warmup_steps: int = 100):
+                 sentinel_lr: float = 3.0e-3, warmup_steps: int = 100,
+                 statement_separator: str = DEFAULT_SEPARATOR):
         super().__init__()
         self.lm = lm.requires_grad_(False).eval()  # a submodule so that it follows the device; never saved
         self.networks = networks
         self.prefix_mode, self.weights = prefix_mode, weights or LossWeights()
+        self.separator = statement_separator
         self.lr, self.body_lr, self.sentinel_lr, self.warmup_steps = lr, body_lr, sentinel_lr, warmup_steps
         self.strict_loading = False  # checkpoints hold only the trained tensors
 
@@ -127,7 +129,7 @@ class RecipeModule(L.LightningModule):
         """Edit losses with each edit's own prefix (oracle retrieval)."""
         B, lm = len(batch), self.lm
         vectors = self.networks.prompt_encoder(r_k)  # (B, l, H)
-        token_ids = [statement_token_ids(lm, e.statement) if self.prefix_mode == "vectors+statement" else None
+        token_ids = [statement_token_ids(lm, e.statement, self.separator) if self.prefix_mode == "vectors+statement" else None
                      for e in batch]
         prefixes = [build_prefix(lm, v, t) for v, t in zip(vectors, token_ids)]
         prompts = [e.prompt for e in batch] + [e.paraphrase for e in batch] + [batch[i].locality_prompt for i in loc_rows]

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from recipe.config import load_config
-from recipe.editors.recipe import PrefixMode, RecipeNetworks, save_artifact
+from recipe.errors import ConfigError
+from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, load_artifact, save_artifact
 from recipe.lm import EditedLM
 from recipe.retrieval.encoders import RecipeArchitecture
 from recipe.retrieval.sentinel import SentinelMode
@@ -40,10 +41,13 @@ class TrainConfig:
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # shapes of the networks
     prefix_mode: PrefixMode = "vectors+statement"  # what the LM sees: l vectors [+ the statement's tokens]
+    statement_separator: str = DEFAULT_SEPARATOR  # after the statement in the prefix, before the query
+    init_from: str | None = None  # an exported artefact folder to start from (fine-tuning); None: fresh networks
     sentinel_mode: SentinelMode = "learned"  # "fixed": constant threshold (ablation)
     threshold: float = 0.0  # the fixed mode's threshold
     weights: LossWeights = field(default_factory=LossWeights)  # loss weights (paper: all 1)
     datasets: list[str] = field(default_factory=lambda: list(TRAIN_DATASETS))  # training sets (load_dataset names)
+    dataset_repeats: dict[str, int] = field(default_factory=dict)  # e.g. {zsre-train: 4}: more weight on small sets
     data_dir: str | None = None  # dataset folder; None: $RECIPE_DATA_DIR
     limit_per_dataset: int | None = None  # first N cases of each set (smoke runs)
     val_size: int = 256  # held-out edits for validation
@@ -140,12 +144,20 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lm = lm if lm is not None else load_lm(cfg.model)
-    networks = RecipeNetworks.build(lm, cfg.architecture, sentinel_mode=cfg.sentinel_mode,
-                                    threshold=cfg.threshold, seed=cfg.seed)
+    if cfg.init_from is None:
+        networks = RecipeNetworks.build(lm, cfg.architecture, sentinel_mode=cfg.sentinel_mode,
+                                        threshold=cfg.threshold, seed=cfg.seed)
+    else:  # fine-tune an exported artefact: its architecture wins over cfg.architecture
+        networks, meta = load_artifact(cfg.init_from, lm, sentinel_mode=cfg.sentinel_mode, threshold=cfg.threshold)
+        if meta["prefix_mode"] != cfg.prefix_mode:
+            raise ConfigError(f"init_from {cfg.init_from} was trained with prefix_mode {meta['prefix_mode']!r}, "
+                              f"the config asks for {cfg.prefix_mode!r}")
+        log.info("starting from %s (%s steps)", cfg.init_from, meta.get("training", {}).get("steps", "?"))
     module = RecipeModule(lm, networks, prefix_mode=cfg.prefix_mode, weights=cfg.weights, lr=cfg.lr,
-                          body_lr=cfg.body_lr, sentinel_lr=cfg.sentinel_lr, warmup_steps=cfg.warmup_steps)
+                          body_lr=cfg.body_lr, sentinel_lr=cfg.sentinel_lr, warmup_steps=cfg.warmup_steps,
+                          statement_separator=cfg.statement_separator)
     data = RecipeDataModule(cfg.datasets, cfg.data_dir, cfg.batch_size, cfg.val_size, cfg.limit_per_dataset,
-                            cfg.seed, cfg.num_workers, cases=cases)
+                            cfg.seed, cfg.num_workers, cases=cases, repeats=cfg.dataset_repeats)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     logger = None if fast_dev_run else _logger(cfg, run_dir)
@@ -166,7 +178,7 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    artifact = save_artifact(networks, lm, cfg.out, cfg.prefix_mode,
+    artifact = save_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
                              extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
                                     "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return TrainResult(artifact, trainer.global_step, metrics)
@@ -187,6 +199,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--accelerator")
     p.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v)
     p.add_argument("--strategy")
+    p.add_argument("--init-from", help="exported artefact folder to fine-tune (default: the config's init_from)")
     p.add_argument("--no-resume", action="store_true", help="ignore <run_dir>/checkpoints/last.ckpt")
     return p.parse_args(argv)
 
@@ -200,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"max_steps": args.max_steps, "val_every": args.val_every, "wandb": wandb, "out": args.out, "run_dir": args.run_dir,
                  "data_dir": args.data_dir, "limit_per_dataset": args.limit_per_dataset,
                  "precision": args.precision, "accelerator": args.accelerator, "devices": args.devices,
-                 "strategy": args.strategy}
+                 "strategy": args.strategy, "init_from": args.init_from}
     cfg = load_config(TrainConfig, args.config, **overrides)
     result = train(cfg, fast_dev_run=args.fast_dev_run, resume=not args.no_resume)
     log.info("exported %s after %d steps", result.artifact, result.global_step)
