@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from recipe.lm import EditedLM
 from recipe.types import EditCase
 
 log = logging.getLogger(__name__)
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int) -> list[dict
     return rows
 
 
+def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
+    """``items`` in the one seeded order every evaluation takes its first T cases (or n probes) from."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
                    out_dir: str | Path | None = None, resume: bool = False,
@@ -147,9 +155,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         raise RecipeError(f"asked for {n_cases} cases but the dataset has only {len(cases)}")
     if resume and out_dir is None:
         raise RecipeError("resume needs an output folder")
-    order = list(cases)
-    random.Random(seed).shuffle(order)
-    pool = order[:n_cases]
+    pool = seeded_order(cases, seed)[:n_cases]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
