@@ -93,6 +93,17 @@ def _case_rows(cases, qs, scores, gens, base_scores, base_gens, edit_times, offs
     return rows
 
 
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (VmHWM, MB); None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _summarise(T: int, rows: list[dict]) -> dict:
     summary: dict = {"T": T, "cases": len(rows), "rounds": len({r["round"] for r in rows})}
     for mode in ("tf", "em"):
@@ -106,6 +117,8 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     summary["queries"] = n_queries
     summary["score_ms_per_query"] = 1000 * sum(t["score_s"] for t in per_round) / max(n_queries, 1)
     summary["generate_ms_per_query"] = 1000 * sum(t["generate_s"] for t in per_round) / max(n_queries, 1)
+    peaks = [t["peak_rss_mb"] for t in per_round if t.get("peak_rss_mb") is not None]
+    summary["peak_rss_mb"] = max(peaks) if peaks else None  # the process's resident peak (model included)
     return summary
 
 
@@ -188,7 +201,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
             editor.rollback()
             new = _case_rows(chosen, qs, scores, gens, base_scores, base_gens, edit_times, start)
-            timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1]}
+            timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1], "peak_rss_mb": peak_rss_mb()}
             for r in new:
                 r["round"], r["round_timing"] = start // T, timing
             rows += new
