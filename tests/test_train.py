@@ -9,7 +9,8 @@ from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.editors.recipe import ARTIFACT_WEIGHTS, RecipeConfig
 from recipe.testing import tiny_lm
-from train.data import examples_from_cases
+from recipe.errors import ConfigError
+from train.data import RecipeDataModule, examples_from_cases
 from train.recipe import TrainConfig, train
 
 ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks": 1, "prompt_width": 32,
@@ -88,3 +89,31 @@ def test_losses_with_targets_and_locality_answers_of_different_lengths():
     assert logs["loss/locality"] >= 0
     loss.backward()
     assert module.networks.sentinel.r_s.grad is not None and module.networks.prompt_encoder.base.grad is not None
+
+
+def test_fine_tuning_starts_from_an_exported_artifact(tmp_path):
+    lm = tiny_lm()
+    first = train(tiny_config(tmp_path / "a", statement_separator=" | "), lm=lm, cases=load_dataset("demo"),
+                  fast_dev_run=True, progress=False)
+    start = load_file(str(first.artifact / ARTIFACT_WEIGHTS))
+    cfg = tiny_config(tmp_path / "b", init_from=str(first.artifact), lr=0.0, body_lr=0.0, sentinel_lr=0.0)
+    second = train(cfg, lm=lm, cases=load_dataset("demo"), fast_dev_run=True, progress=False)
+    again = load_file(str(second.artifact / ARTIFACT_WEIGHTS))
+    assert set(again) == set(start) and all(torch.equal(again[k], start[k]) for k in start)  # lr 0: unchanged
+    meta = (first.artifact / "recipe.json").read_text()
+    assert '"statement_separator": " | "' in meta
+    with pytest.raises(ConfigError, match="prefix_mode"):
+        train(tiny_config(tmp_path / "c", init_from=str(first.artifact), prefix_mode="vectors"), lm=lm,
+              cases=load_dataset("demo"), fast_dev_run=True, progress=False)
+
+
+def test_dataset_repeats_add_examples_but_never_validation_prompts():
+    data = RecipeDataModule(["demo"], batch_size=2, val_size=8, repeats={"demo": 3})
+    data.setup()
+    once = RecipeDataModule(["demo"], batch_size=2, val_size=8)
+    once.setup()
+    held = {e.prompt for e in data.val_examples}
+    assert len(data.train_examples) == 3 * len(once.train_examples)
+    assert held and not held & {e.prompt for e in data.train_examples}
+    with pytest.raises(ConfigError, match="dataset_repeats"):
+        RecipeDataModule(["demo"], repeats={"zsre": 2})
