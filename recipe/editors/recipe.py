@@ -36,6 +36,7 @@ from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import EditedLM
 from recipe.retrieval.encoders import (KnowledgeEncoder, PromptEncoder, RecipeArchitecture, load_body,
                                        prompt_init_embeddings)
+from recipe.retrieval.key_index import IndexKind
 from recipe.retrieval.repository import KnowledgeRepository
 from recipe.retrieval.sentinel import KnowledgeSentinel, SentinelMode
 from recipe.types import EditId, EditRequest
@@ -62,7 +63,8 @@ class RecipeConfig(EditorConfig):
     refine_stop_loss: float = 5.0e-2  # stop refining once the target NLL is below this
     batch_size: int = 64  # texts per encoder forward pass (edits and queries)
     use_gpu: bool | None = None  # FAISS index on a GPU; None: when faiss sees one
-    prompt_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # prompts on disk (float32: bit-exact)
+    prompt_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # prompts in RAM and on disk (float32: bit-exact)
+    index: IndexKind = "auto"  # repository index: "flat" (exact), "ivf" or "auto" (IVF from 65,536 edits on)
     seed: int = 0  # initialisation of random networks (checkpoint: null)
 
 
@@ -239,7 +241,8 @@ class RecipeEditor(Editor):
     def _new_repository(self) -> KnowledgeRepository:
         arch = self.networks.arch
         return KnowledgeRepository(arch.key_dim, (arch.n_vectors, self.lm.hidden_size), info=self.info,
-                                   use_gpu=self.config.use_gpu, prompt_dtype=self.config.prompt_dtype)
+                                   use_gpu=self.config.use_gpu, prompt_dtype=self.config.prompt_dtype,
+                                   index=self.config.index)
 
     # ---- editing -----------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
@@ -358,13 +361,15 @@ class RecipeEditor(Editor):
             if info.get(key) != want:
                 raise IncompatibleError(f"{where} was made with {key}={info.get(key)!r}; this editor has {want!r}")
 
-    def _restore(self, info: dict, ids: list[int], statements: list[str], keys, prompts, next_id: int) -> None:
+    def _restore(self, info: dict, ids: list[int], statements: list[str], keys, prompts, next_id: int,
+                 repository: KnowledgeRepository | None = None) -> None:
         self._check_info(info, "the saved RECIPE state")
         if len(ids) != len(statements):
             raise RecipeError(f"saved state has {len(ids)} ids but {len(statements)} statements")
         self.rollback()
-        repository = self._new_repository()
-        repository.add(keys, prompts, ids=ids)
+        if repository is None:  # else: a loaded repository holding exactly these entries, adopted as is
+            repository = self._new_repository()
+            repository.add(keys, prompts, ids=ids)
         self.repository = repository
         for i, s in zip(ids, statements):
             self._remember(i, s, statement_token_ids(self.lm, s, self.separator) if self.config.prefix_mode == "vectors+statement"
@@ -398,11 +403,15 @@ class RecipeEditor(Editor):
 
     def load(self, directory: str | Path) -> None:
         """Replace every edit with those saved by :meth:`save` (made for this LM and these networks)."""
-        saved = KnowledgeRepository.load(directory, use_gpu=self.config.use_gpu)
+        saved = KnowledgeRepository.load(directory, use_gpu=self.config.use_gpu, index=self.config.index)
         info = dict(saved.info)
         entries = info.pop("entries", None)
         self._check_info(info, f"RECIPE repository {directory}")
         if entries is None or entries["ids"] != saved.ids():
             raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
-        self._restore(info, entries["ids"], entries["statements"], saved.keys(), saved.get_prompts(saved.ids()),
-                      entries["next_id"])
+        if saved.prompt_dtype == self.config.prompt_dtype:  # adopt it: no second copy, a saved IVF kept as is
+            saved.info = dict(self.info)
+            self._restore(info, entries["ids"], entries["statements"], None, None, entries["next_id"], repository=saved)
+        else:
+            self._restore(info, entries["ids"], entries["statements"], saved.keys(), saved.get_prompts(saved.ids()),
+                          entries["next_id"])
