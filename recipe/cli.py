@@ -1,4 +1,4 @@
-"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), list."""
+"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), general, list."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,10 @@ def _parse_overrides(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def _count_or_all(text: str) -> int | None:
+    return None if text.strip().lower() == "all" else int(text)
 
 
 def _load(args):
@@ -108,6 +112,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_general(args) -> int:
+    from recipe.data import load_dataset
+    from recipe.eval.general import format_general, load_general, run_general
+
+    counts = [int(t) for t in args.edits.split(",") if t.strip()]
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    items = load_general(args.data_dir, sets, args.n, args.seed)  # missing files fail before the model loads
+    cases = load_dataset(args.dataset, args.data_dir)
+    lm, editor = _load(args)
+    out = Path(args.out or f"runs/general-{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
+    result = run_general(lm, editor, cases, counts, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out)
+    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], "dataset": args.dataset, "n": args.n,
+                                              "editor_config": editor.state_dict()["config"]}, indent=1, default=str))
+    print(format_general(result))
+    print(f"\nresults: {out}/ (general.json, general.txt, general.png)")
+    return 0
+
+
 def cmd_list(args) -> int:
     from recipe.data import DATASETS
     from recipe.editors import EDITORS
@@ -164,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the complete rounds already in the output folder and run only the rest")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
     ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("general", help="general ability (MMLU, CSQA, ANLI, SQuAD 2.0, WikiText) before and "
+                                         "after T sequential edits",
+                         description="Seeded subsets of each set -> score the unedited model -> apply the first T "
+                                     "cases of the `recipe eval` shuffle one at a time -> score again, for each T "
+                                     "(edits accumulate) -> roll back. See recipe/eval/general.py for the scoring.")
+    common(gen, "recipe")
+    gen.add_argument("--dataset", required=True, help="dataset the edits come from (see `recipe list`)")
+    gen.add_argument("--edits", default="100,1000", help="comma-separated T values (default: %(default)s)")
+    gen.add_argument("--n", type=_count_or_all, default=200,
+                     help="items per set (ANLI: per round), or 'all' (default: %(default)s)")
+    gen.add_argument("--sets", default="mmlu,csqa,anli,squad,wikitext", help="comma-separated (default: %(default)s)")
+    gen.add_argument("--max-tokens", type=int, default=512,
+                     help="longest prompt + answer; longer contexts are cut (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="seed of the item subsets and of the edit order (default: %(default)s)")
+    gen.add_argument("--data-dir", default=None, help="data folder holding general/, wikitext/ and the dataset "
+                                                      "(default: $RECIPE_DATA_DIR)")
+    gen.add_argument("--out", default=None, help="output folder (default: runs/general-<editor>-<dataset>-<model>)")
+    gen.set_defaults(func=cmd_general)
 
     ls = sub.add_parser("list", help="list models, editors and datasets")
     ls.set_defaults(func=cmd_list)
