@@ -64,7 +64,7 @@ class RecipeConfig(EditorConfig):
     batch_size: int = 64  # texts per encoder forward pass (edits and queries)
     use_gpu: bool | None = None  # FAISS index on a GPU; None: when faiss sees one
     prompt_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # prompts in RAM and on disk (float32: bit-exact)
-    index: IndexKind = "auto"  # repository index: "flat" (exact), "ivf" or "auto" (IVF from 65,536 edits on)
+    index: IndexKind = "auto"  # repository index: "flat" (exact), "ivf" or "auto" (IVF from 262,144 edits on)
     seed: int = 0  # initialisation of random networks (checkpoint: null)
 
 
