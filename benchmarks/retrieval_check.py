@@ -1,0 +1,105 @@
+"""Retrieval and sentinel of a RECIPE checkpoint on a whole edit set, without the LM's edit scoring.
+
+    RECIPE_DATA_DIR=... OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_check.py \
+        --checkpoint checkpoints/recipe-smollm2 --dataset zsre [--calibrate zsre-train,ripple-recent-train]
+
+All statements of the set go into one repository (as after a lifelong run). For edit prompts and
+paraphrases: recall@1 of their own edit, how often the learned sentinel accepts, and how often it
+accepts the *right* edit. For locality prompts: how often the sentinel rejects. With ``--calibrate``,
+the best single fixed threshold (the ``sentinel_mode: fixed`` ablation) is chosen on those
+*training* sets, maximising the mean of (right edit accepted for prompts/paraphrases) and (locality
+rejected), then applied to the evaluation set beside the learned sentinel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from recipe.data import load_dataset  # noqa: E402
+from recipe.editors.recipe import load_artifact  # noqa: E402
+from recipe.lm import EditedLM  # noqa: E402
+from recipe.models import load_model  # noqa: E402
+
+
+@torch.no_grad()
+def scores_for(nets, cases) -> dict:
+    """Top-1 index/score and learned threshold for every query kind of ``cases``."""
+    statements, own, queries, kinds = [], [], [], []
+    for c in cases:
+        for r in c.requests:
+            statements.append(r.statement)
+        i = len(statements) - 1
+        queries += [c.requests[0].prompt] + [g.prompt for g in c.generality] + [p.prompt for p in c.locality]
+        kinds += ["prompt"] + ["paraphrase"] * len(c.generality) + ["locality"] * len(c.locality)
+        own += [i] * (1 + len(c.generality)) + [-1] * len(c.locality)
+    enc, bs = nets.encoder, 64
+    r_k = torch.cat([enc.encode_knowledge(statements[s:s + bs]) for s in range(0, len(statements), bs)]).float()
+    r_q = torch.cat([enc.encode_query(queries[s:s + bs]) for s in range(0, len(queries), bs)]).float()
+    s = r_q @ r_k.T / math.sqrt(nets.arch.key_dim)  # (Q, K)
+    top, idx = s.max(1)
+    return {"top": top, "idx": idx, "threshold": nets.sentinel(r_q).float(), "own": torch.tensor(own), "kinds": kinds}
+
+
+def rates(d: dict, threshold: torch.Tensor | float) -> dict:
+    accept = d["top"] > threshold
+    out = {}
+    for kind in ("prompt", "paraphrase", "locality"):
+        m = torch.tensor([k == kind for k in d["kinds"]])
+        if not m.any():
+            continue
+        if kind == "locality":
+            out["locality/rejected"] = float((~accept[m]).float().mean())
+        else:
+            right = d["idx"][m] == d["own"][m]
+            out[f"{kind}/recall@1"] = float(right.float().mean())
+            out[f"{kind}/accepted"] = float(accept[m].float().mean())
+            out[f"{kind}/right_and_accepted"] = float((right & accept[m]).float().mean())
+    return out
+
+
+def best_fixed(d: dict) -> float:
+    best, best_t = -1.0, 0.0
+    for t in torch.quantile(d["top"], torch.linspace(0.01, 0.99, 197)).tolist():
+        r = rates(d, t)
+        edit = (r["prompt/right_and_accepted"] + r.get("paraphrase/right_and_accepted", r["prompt/right_and_accepted"])) / 2
+        value = (edit + r["locality/rejected"]) / 2
+        if value > best:
+            best, best_t = value, t
+    return best_t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="checkpoints/recipe-smollm2")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="zsre")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--calibrate", help="comma-separated training sets for the fixed-threshold ablation")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "retrieval")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    lm = EditedLM(*load_model(args.model))
+    nets, _ = load_artifact(args.checkpoint, lm)
+    nets.eval()
+    d = scores_for(nets, load_dataset(args.dataset, args.data_dir, args.limit))
+    result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "learned": rates(d, d["threshold"])}
+    if args.calibrate:
+        cal = [c for name in args.calibrate.split(",") for c in load_dataset(name, args.data_dir)]
+        t = best_fixed(scores_for(nets, cal))
+        result["fixed"] = {"threshold": t, "calibrated_on": args.calibrate, **rates(d, t)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{Path(args.checkpoint).name}-{args.dataset}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
