@@ -24,7 +24,7 @@ def load_runs(out: Path) -> list[dict]:
         r["rss_built_mb"] = (r["rss_built_bytes"] - r["rss_baseline_bytes"]) / 2**20
         r["peak_rss_mb"] = r["peak_rss_bytes"] / 2**20
         r["disk_mb"] = r["disk_bytes"] / 2**20
-    return sorted(runs, key=lambda r: (r["prompt_dtype"], r["kind"], r["size"]))
+    return sorted(runs, key=lambda r: (r["prompt_dtype"] != "float32", r["prompt_dtype"], r["kind"], r["size"]))
 
 
 def _cell(run: dict, key, fmt: str) -> str:
@@ -41,10 +41,12 @@ def table(runs: list[dict]) -> str:
 
 
 def sweep_table(runs: list[dict]) -> str:
-    lines = ["| prompts | N | nlist | nprobe | recall@1 | 1 query ms p50 | batch-64 ms/query p50 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| index | prompts | N | nlist | nprobe | recall@1 | 1 query ms p50 | batch-64 ms/query p50 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for row in r.get("nprobe_sweep", []):
-            lines.append(f"| {r['prompt_dtype']} | {r['size']:,} | {r['nlist']} | {row['nprobe']} | {row['recall_at_1']:.4f} "
+            lines.append(f"| {r['kind']} | {r['prompt_dtype']} | {r['size']:,} | {r['nlist']} | {row['nprobe']} "
+                         f"| {row['recall_at_1']:.4f} "
                          f"| {row['single_ms_p50']:.3f} | {row['batch_ms_per_query_p50']:.3f} |")
     return "\n".join(lines)
 
@@ -65,6 +67,10 @@ def write_report(out: Path, target_ms: float) -> None:
     plots(out, runs, target_ms)
 
 
+COLOURS = {"flat": "C0", "ivf": "C1", "auto": "C2"}
+LINES = {"float32": "-", "float16": "--", "bfloat16": ":"}
+
+
 def plots(out: Path, runs: list[dict], target_ms: float) -> None:
     import matplotlib
 
@@ -75,31 +81,31 @@ def plots(out: Path, runs: list[dict], target_ms: float) -> None:
     for r in runs:
         groups.setdefault((r["kind"], r["prompt_dtype"]), []).append(r)
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for (kind, dtype), rs in groups.items():
-        sizes = [r["size"] for r in rs]
-        ax.plot(sizes, [r["single_ms_p50"] for r in rs], "o-", label=f"{kind} ({dtype}): 1 query p50")
-        ax.plot(sizes, [r["batch_ms_per_query_p50"] for r in rs], "s--", label=f"{kind} ({dtype}): batch-64, per query")
-    ax.axhline(target_ms, color="grey", lw=0.8, ls=":", label=f"target {target_ms} ms")
-    ax.set(xscale="log", yscale="log", xlabel="entries", ylabel="ms per query", title="Search latency (1 thread)")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+    def panel(ax, key: str, title: str, ylabel: str, logy: bool = True) -> None:
+        for (kind, dtype), rs in groups.items():
+            ax.plot([r["size"] for r in rs], [r[key] for r in rs], marker="o", ls=LINES.get(dtype, "-"),
+                    color=COLOURS.get(kind), label=f"{kind}, {dtype} prompts")
+        ax.set(xscale="log", yscale="log" if logy else "linear", xlabel="entries", ylabel=ylabel, title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    panel(a1, "single_ms_p50", "One query (p50)", "ms per query")
+    panel(a2, "batch_ms_per_query_p50", "Batches of 64 (p50, per query)", "ms per query")
+    for a in (a1, a2):
+        a.axhline(target_ms, color="grey", lw=0.8, ls=":")
+    fig.suptitle(f"Search latency, 1 thread (dotted: {target_ms} ms target)")
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=120)
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    panel(a1, "rss_built_mb", "RSS growth of the built repository", "MB")
+    panel(a2, "bytes_per_edit_rss", "RSS growth per stored edit (dots: counted bytes)", "bytes per edit", logy=False)
     for (kind, dtype), rs in groups.items():
-        sizes = [r["size"] for r in rs]
-        a1.plot(sizes, [r["rss_built_mb"] for r in rs], "o-", label=f"{kind} ({dtype}): RSS growth")
-        a1.plot(sizes, [r["peak_rss_mb"] for r in rs], "x:", label=f"{kind} ({dtype}): peak RSS")
-        a2.plot(sizes, [r["bytes_per_edit_rss"] for r in rs], "o-", label=f"{kind} ({dtype}): RSS / N")
-        a2.plot(sizes, [r["bytes_per_edit_counted"] for r in rs], "s--", label=f"{kind} ({dtype}): counted / N")
-    a1.set(xscale="log", yscale="log", xlabel="entries", ylabel="MB", title="Memory")
-    a2.set(xscale="log", xlabel="entries", ylabel="bytes per stored edit", title="Memory per edit")
-    for a in (a1, a2):
-        a.legend(fontsize=7)
-        a.grid(True, which="both", alpha=0.3)
+        a2.plot([r["size"] for r in rs], [r["bytes_per_edit_counted"] for r in rs], ls="none", marker=".",
+                color=COLOURS.get(kind))
+    a2.set_ylim(0, 16_000)
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
@@ -110,7 +116,7 @@ def plots(out: Path, runs: list[dict], target_ms: float) -> None:
         for r in sweeps:
             rows = r["nprobe_sweep"]
             ax.plot([x["batch_ms_per_query_p50"] for x in rows], [x["recall_at_1"] for x in rows], "o-",
-                    label=f"N={r['size']:,} ({r['prompt_dtype']}), nlist {r['nlist']}")
+                    label=f"{r['kind']} N={r['size']:,} ({r['prompt_dtype']}), nlist {r['nlist']}")
             for x in rows:
                 ax.annotate(str(x["nprobe"]), (x["batch_ms_per_query_p50"], x["recall_at_1"]), fontsize=6)
         ax.set(xscale="log", xlabel="batch-64 ms per query", ylabel="recall@1 vs exact", title="IVF: nprobe sweep")
