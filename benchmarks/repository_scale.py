@@ -10,7 +10,7 @@ stored as the repository stores them (``--prompt-dtype``). Queries are noisy cop
 (cos ~ 0.7 to their source); recall@1 is measured against the exact top-1 of a brute-force scan.
 
 Each (kind, prompt dtype, size) runs in its own subprocess (a clean peak RSS; a crash loses one run)
-and writes ``runs/<kind>-<dtype>-<size>.json`` when it finishes; existing run files are skipped
+and writes ``per_run/<kind>-<dtype>-<size>.json`` when it finishes; existing run files are skipped
 (``--force`` redoes them), so an interrupted benchmark resumes where it stopped. After every run
 ``results.json``, ``table.md`` and the PNG plots are rewritten from all run files. Progress: stderr.
 """
@@ -308,7 +308,7 @@ def nprobe_sweep(args, repo, queries: np.ndarray, truth: np.ndarray) -> list[dic
 
 # ---- orchestration and report ------------------------------------------------------------------
 def run_path(out: Path, kind: str, dtype: str, size: int) -> Path:
-    return out / "runs" / f"{kind}-{dtype}-{size}.json"
+    return out / "per_run" / f"{kind}-{dtype}-{size}.json"
 
 
 def machine() -> dict:

@@ -19,7 +19,7 @@ COLUMNS = [  # (header, key, format)
 
 
 def load_runs(out: Path) -> list[dict]:
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted((out / "per_run").glob("*.json"))]
     for r in runs:
         r["rss_built_mb"] = (r["rss_built_bytes"] - r["rss_baseline_bytes"]) / 2**20
         r["peak_rss_mb"] = r["peak_rss_bytes"] / 2**20
