@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/general/*: general ability (MMLU, CSQA, ANLI r1-r3, SQuAD 2.0, WikiText)
-# of SmolLM2 unedited and after T=100 and T=1000 sequential zsRE edits, for none, recipe and ft.
+# of SmolLM2 unedited (each run's T=0 row) and after T=100 and T=1000 sequential zsRE edits, for recipe and ft.
 # CPU-sized: N items per set (ANLI: per round), same seed for the items and the edit order.
 # Cost on one busy CPU thread (n=20 smoke run): about 1.1 s/item MMLU, 0.25 CSQA, 0.7 ANLI, 2.1 SQuAD,
 # 1.6 WikiText, so one measurement at N=100 is ~10-12 min and each run does three (T=0, 100, 1000).
@@ -12,6 +12,5 @@ out=benchmarks/results/general
 mkdir -p "$out"
 run() { name=$1; shift; .venv/bin/recipe general --out "runs/$name" --n "$n" --seed 0 "$@"; mkdir -p "$out/$name";
         cp "runs/$name"/{general.json,general.txt,general.png,run.json} "$out/$name/"; }
-run general-none-zsre   --editor none   --dataset zsre --edits 100,1000  # T rows must equal T=0
 run general-recipe-zsre --editor recipe --dataset zsre --edits 100,1000
 run general-ft-zsre     --editor ft     --dataset zsre --edits 100,1000
