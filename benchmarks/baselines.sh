@@ -15,20 +15,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; mkdir -p "$out/$name";
         cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$out/$name/"; }
 editors=${*:-"rome memit ftm tpatcher ft mend"}
-for e in $editors; do
+for e in $editors; do  # first pass: T=1 and T=10 everywhere
+  for d in zsre counterfact; do
+    [ "$e-$d" = ft-zsre ] && continue  # in benchmarks/results/foundation/ft-zsre (100 cases)
+    run "$e-$d-small" --editor "$e" --dataset "$d" --edits 1,10 --cases 20
+  done
+done
+for e in $editors; do  # second pass: T=100 (ROME/MEMIT, 10-30 s per edit here: zsRE only), T=1000 for FT-L
   case $e in
-    rome|memit)  # 10-20 s per edit here: T=100 on zsRE only
-      run "$e-zsre-small"        --editor "$e" --dataset zsre        --edits 1,10 --cases 20
-      run "$e-counterfact-small" --editor "$e" --dataset counterfact --edits 1,10 --cases 20
-      run "$e-zsre-100"          --editor "$e" --dataset zsre        --edits 100 ;;
-    ft)  # zsRE T=1,10,100 over 100 cases is in benchmarks/results/foundation/ft-zsre
-      run "$e-counterfact-small" --editor "$e" --dataset counterfact --edits 1,10 --cases 20
-      run "$e-counterfact-100"   --editor "$e" --dataset counterfact --edits 100
-      run "$e-zsre-1000"         --editor "$e" --dataset zsre        --edits 1000 --no-generation ;;
-    *)
-      for d in zsre counterfact; do
-        run "$e-$d-small" --editor "$e" --dataset "$d" --edits 1,10 --cases 20
-        run "$e-$d-100"   --editor "$e" --dataset "$d" --edits 100
-      done ;;
+    rome|memit) run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100 ;;
+    ft) run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100
+        run "$e-zsre-1000" --editor "$e" --dataset zsre --edits 1000 --no-generation ;;
+    *)  run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100
+        run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100 ;;
   esac
 done
