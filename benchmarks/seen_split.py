@@ -3,8 +3,11 @@
     python benchmarks/seen_split.py runs/recipe-zsre --dataset zsre [--data-dir DIR]
 
 A target is "seen" when it is the target_new of some training edit (train.data.TRAIN_DATASETS,
-compared case-insensitively after stripping). Writes ``seen_split.json`` beside the run's files and
-prints one table per T: teacher-forced / exact-match means for seen and never-seen targets.
+compared case-insensitively after stripping). A second split: "shared subject" cases have a subject
+that another edit of the same set gives a *different* new target (zsRE edits one question several
+times with different answers; once all are applied, at most one of them can be right for the
+shared question), "unique subject" cases do not. Writes ``seen_split.json`` beside the run's files
+and prints one table per T: teacher-forced / exact-match means for each group.
 """
 from __future__ import annotations
 
@@ -28,19 +31,31 @@ def training_targets(data_dir: str | None) -> set[str]:
 
 def split(run: Path, dataset: str, data_dir: str | None) -> dict:
     seen_targets = training_targets(data_dir)
-    target_of = {c.case_id: [r.target_new for r in c.requests] for c in load_dataset(dataset, data_dir)}
+    eval_cases = load_dataset(dataset, data_dir)
+    target_of = {c.case_id: [r.target_new for r in c.requests] for c in eval_cases}
+    targets_of_subject: dict[str, set[str]] = {}
+    for c in eval_cases:
+        for r in c.requests:
+            targets_of_subject.setdefault(_norm(r.subject), set()).add(_norm(r.target_new))
+    shared = {c.case_id for c in eval_cases
+              if any(r.subject and len(targets_of_subject[_norm(r.subject)]) > 1 for r in c.requests)}
     out: dict = {}
     for path in sorted(run.glob("T*.jsonl"), key=lambda p: int(p.stem[1:])):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        groups: dict[str, list[dict]] = {"seen": [], "never-seen": []}
+        groups: dict[str, list[dict]] = {"seen": [], "never-seen": [], "unique subject": [], "shared subject": []}
         for r in rows:
             seen = all(t.strip().casefold() in seen_targets for t in target_of[r["case_id"]])
             groups["seen" if seen else "never-seen"].append(r)
+            groups["shared subject" if r["case_id"] in shared else "unique subject"].append(r)
         out[path.stem] = {
             name: {"cases": len(g), **{f"{mode}/{m}": _mean([r[mode].get(m) for r in g])
                                         for mode in ("tf", "em") for m in METRICS}}
             for name, g in groups.items()}
     return out
+
+
+def _norm(text: str | None) -> str:
+    return (text or "").strip().casefold()
 
 
 def _mean(xs):
