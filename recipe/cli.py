@@ -99,7 +99,8 @@ def cmd_eval(args) -> int:
     lm, editor = _load(args)
     out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
     result = run_sequential(lm, editor, cases, counts, n_cases=args.cases, seed=args.seed,
-                            free_generation=not args.no_generation, out_dir=out, resume=args.resume)
+                            free_generation=not args.no_generation, out_dir=out, resume=args.resume,
+                            score_cases=args.score_cases)
     summaries = list(result.summaries.values())
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true",
                     help="keep the complete rounds already in the output folder and run only the rest")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
+    ev.add_argument("--score-cases", type=int, help="apply every edit of a round but score only a seeded sample "
+                    "of this many of its cases (large sets on a CPU); not with --resume")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("general", help="general ability (MMLU, CSQA, ANLI, SQuAD 2.0, WikiText) before and "

@@ -99,3 +99,24 @@ def test_resume_skips_completed_rounds_and_matches(tiny, demo_cases, tmp_path):
     with pytest.raises(RecipeError, match="another run"):
         run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=6, seed=9, out_dir=tmp_path,
                        resume=True, free_generation=False, progress=False)
+
+
+def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):
+    from recipe.editors import load_editor
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import run_sequential
+
+    cases = load_dataset("demo")
+    editor = load_editor("none", tiny)
+    applied = []
+    editor._apply = lambda requests, ids: applied.extend(requests)  # count the edits that reach the editor
+    a = run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=3, free_generation=False, progress=False)
+    assert len(applied) == 16  # two rounds of 8 edits, all applied
+    assert a.summaries[8]["cases"] == 6 and a.summaries[8]["rounds"] == 2
+    b = run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=3, free_generation=False, progress=False)
+    assert a.summaries[8] == {**b.summaries[8], "edit_time_s": a.summaries[8]["edit_time_s"],
+                              "score_ms_per_query": a.summaries[8]["score_ms_per_query"],
+                              "generate_ms_per_query": a.summaries[8]["generate_ms_per_query"],
+                              "peak_rss_mb": a.summaries[8]["peak_rss_mb"]}  # the same sample again
+    with pytest.raises(RecipeError, match="score_cases"):
+        run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=3, resume=True, out_dir="unused")

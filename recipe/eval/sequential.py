@@ -71,8 +71,10 @@ def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool):
     return scores, gens, (t1 - t0, time.perf_counter() - t1)
 
 
-def _case_rows(cases, qs, scores, gens, base_scores, base_gens, edit_times, offset) -> list[dict]:
-    """Per-case metrics. ``qs`` are ``(j, query)`` pairs, j indexing the unedited-model records."""
+def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_times) -> list[dict]:
+    """Per-case metrics. ``case_idx``: the pool index of each case; ``qs``: ``(j, query)`` pairs, j
+    indexing the unedited-model records."""
+    pos = {c: n for n, c in enumerate(case_idx)}
     rows = [{"case_id": c.case_id, "edit_time_s": t, "tf": {}, "em": {}} for c, t in zip(cases, edit_times)]
     acc: list[dict[str, dict[str, list[float]]]] = [{"tf": {}, "em": {}} for _ in cases]
     for n, (j, q) in enumerate(qs):
@@ -84,9 +86,9 @@ def _case_rows(cases, qs, scores, gens, base_scores, base_gens, edit_times, offs
             em = None if gens is None else float(exact_match(gens[n], q.answers))
         keys = {q.kind} | ({f"{q.kind}/{q.group}"} if q.group != q.kind else set())
         for key in keys:
-            acc[q.case - offset]["tf"].setdefault(key, []).append(tf)
+            acc[pos[q.case]]["tf"].setdefault(key, []).append(tf)
             if em is not None:
-                acc[q.case - offset]["em"].setdefault(key, []).append(em)
+                acc[pos[q.case]]["em"].setdefault(key, []).append(em)
     for row, a in zip(rows, acc):
         for mode in ("tf", "em"):
             row[mode] = {k: _mean(v) for k, v in sorted(a[mode].items())}
@@ -136,6 +138,14 @@ def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int) -> list[dict
     return rows
 
 
+def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> list[int]:
+    """Pool indices scored in the round of T edits starting at ``start``: all, or a seeded sample."""
+    idx = list(range(start, start + T))
+    if score_cases is None or score_cases >= T:
+        return idx
+    return sorted(random.Random(f"{seed}:{T}:{start}").sample(idx, score_cases))
+
+
 def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
     """``items`` in the one seeded order every evaluation takes its first T cases (or n probes) from."""
     order = list(items)
@@ -146,7 +156,7 @@ def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
 def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
                    out_dir: str | Path | None = None, resume: bool = False,
-                   progress: bool = True) -> SequentialResult:
+                   progress: bool = True, score_cases: int | None = None) -> SequentialResult:
     """Run the sequential protocol for every T in ``edit_counts``.
 
     The first ``n_cases`` cases of one seeded shuffle (default: the largest T) are cut into
@@ -157,6 +167,10 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
 
     Each finished round is appended to ``out_dir/T<T>.jsonl`` at once, so a crash loses at most the
     round in progress; with ``resume=True`` the complete rounds found there are kept and skipped.
+
+    ``score_cases`` (for sets too large to score whole on a CPU): every round still applies all its T
+    edits, but only a seeded sample of that many of its cases is scored (and only their locality
+    probes are recorded before editing). Not combinable with ``resume``.
     """
     counts = sorted(set(int(t) for t in edit_counts))
     if not counts or counts[0] < 1:
@@ -168,12 +182,17 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         raise RecipeError(f"asked for {n_cases} cases but the dataset has only {len(cases)}")
     if resume and out_dir is None:
         raise RecipeError("resume needs an output folder")
+    if score_cases is not None and (score_cases < 1 or resume):
+        raise RecipeError(f"score_cases must be a positive integer and cannot be combined with resume, got {score_cases}")
     pool = seeded_order(cases, seed)[:n_cases]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    pool_qs = list(enumerate(_queries(pool)))
+    scored = {(T, start): _scored_cases(T, start, score_cases, seed)
+              for T in counts for start in range(0, n_cases // T * T, T)}
+    wanted = {i for idx in scored.values() for i in idx}
+    pool_qs = [(j, q) for j, q in enumerate(_queries(pool)) if q.case in wanted]
     loc = [(j, q) for j, q in pool_qs if q.kind == "locality"]
     log.info("recording the unedited model on %d locality probes", len(loc))
     base_s, base_g, _ = _score_queries(lm, [q for _, q in loc], free_generation)
@@ -190,17 +209,19 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         bar = tqdm(total=rounds * T, initial=len(rows), desc=f"{editor.name}: T={T} ({rounds} round(s))",
                    disable=not progress)
         for start in range(len(rows), rounds * T, T):
-            chosen = pool[start:start + T]
-            qs = [(j, q) for j, q in pool_qs if start <= q.case < start + T]
+            chosen, idx = pool[start:start + T], scored[(T, start)]
+            keep = set(idx)
+            qs = [(j, q) for j, q in pool_qs if q.case in keep]
             edit_times = []
             for case in chosen:
                 t0 = time.perf_counter()
                 editor.edit(case.requests)
                 edit_times.append(time.perf_counter() - t0)
                 bar.update(1)
+            edit_times = [edit_times[i - start] for i in idx]
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
             editor.rollback()
-            new = _case_rows(chosen, qs, scores, gens, base_scores, base_gens, edit_times, start)
+            new = _case_rows([pool[i] for i in idx], idx, qs, scores, gens, base_scores, base_gens, edit_times)
             timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1], "peak_rss_mb": peak_rss_mb()}
             for r in new:
                 r["round"], r["round_timing"] = start // T, timing
