@@ -26,8 +26,10 @@ def collect(root: Path = ROOT) -> list[dict]:
         run = json.loads((summary.parent / "run.json").read_text()) if (summary.parent / "run.json").exists() else {}
         argv = run.get("argv", [])
         editor, dataset = _arg(argv, "--editor", "ft"), _arg(argv, "--dataset", "?")
-        if "statement_separator" in " ".join(argv):  # ablation runs are reported on their own
-            continue
+        if "statement_separator" in " ".join(argv) or summary.parent.name.startswith("ablation-"):
+            continue  # ablation runs are reported on their own
+        if "--config" in argv:  # a non-default config is another line in the table
+            editor = f"{editor} ({Path(_arg(argv, '--config')).stem})"
         for s in json.loads(summary.read_text()):
             rows.append({"editor": editor, "dataset": dataset, "run": f"{summary.parent.parent.name}/{summary.parent.name}",
                          "no_generation": "--no-generation" in argv, **s})
