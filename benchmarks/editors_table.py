@@ -25,9 +25,11 @@ def collect(root: Path = ROOT) -> list[dict]:
     for summary in sorted(root.glob("*/*/summary.json")):
         run = json.loads((summary.parent / "run.json").read_text()) if (summary.parent / "run.json").exists() else {}
         argv = run.get("argv", [])
+        if not argv:  # not a `recipe eval` folder (e.g. a hand-made comparison): reported on its own
+            continue
         editor, dataset = _arg(argv, "--editor", "ft"), _arg(argv, "--dataset", "?")
-        if "statement_separator" in " ".join(argv) or summary.parent.name.startswith("ablation-"):
-            continue  # ablation runs are reported on their own
+        if "statement_separator" in " ".join(argv) or summary.parent.name.startswith(("ablation-", "v1-")):
+            continue  # ablations and the superseded v1 RECIPE checkpoint are reported on their own
         if "--config" in argv:  # a non-default config is another line in the table
             editor = f"{editor} ({Path(_arg(argv, '--config')).stem})"
         for s in json.loads(summary.read_text()):

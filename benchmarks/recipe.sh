@@ -14,7 +14,7 @@ run() { name=$1; dataset=$2; shift 2
         cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json,seen_split.json,seen_split.txt} "$out/$name/"; }
 run recipe-zsre-lifelong        zsre        --edits 1037 --resume
 run recipe-zsre                 zsre        --edits 1,10,100 --cases 100 --resume
-run recipe-counterfact-lifelong counterfact --edits 1000 --cases 1000 --resume
+run recipe-counterfact-v2       counterfact --edits 1000 --cases 1000 --score-cases 300 --no-generation
 # RippleEdits recent test: all 1,266 edits applied, the queries of a seeded sample of 250 cases scored
 # (the whole set is 20,438 queries: ~1 h on one CPU thread)
 run recipe-ripple-lifelong      ripple-recent-test --edits 1266 --score-cases 250 --no-generation
