@@ -318,6 +318,15 @@ def machine() -> dict:
             "commit": os.environ.get("RECIPE_COMMIT")}
 
 
+def _portable(path: Path) -> str:
+    """``path`` relative to the checkout when inside it: results must not name this machine's folders."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.worker:
         kind, size = args.worker.split(",")
-        result = {**run_one(args, kind, int(size)), "machine": machine(), "args": vars(args)}
+        result = {**run_one(args, kind, int(size)), "machine": machine(), "args": {**vars(args), "out": _portable(out)}}
         path = run_path(out, kind, args.prompt_dtype, int(size))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -21,10 +21,8 @@ folder that ``configs/editors/mend.yaml``'s ``checkpoint`` loads.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from recipe.config import load_config
 from recipe.editors.mend import (MENDArchitecture, MENDNetworks, edited_shapes, gradient_factors, load_artifact,
                                  per_row_edits, resolve_layers, save_artifact)
 from recipe.errors import ConfigError
@@ -42,7 +39,7 @@ from recipe.lm import EditedLM
 from recipe.types import EditCase
 from train.data import TRAIN_DATASETS, RecipeDataModule, TrainExample
 from train.module import target_logits
-from train.recipe import TrainResult, WandbMode, _logger, _step_timer, load_lm
+from train.recipe import TrainResult, WandbMode, _logger, _step_timer, load_lm, run_cli
 
 log = logging.getLogger("train.mend")
 
@@ -228,40 +225,9 @@ def train(cfg: MENDTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[E
     return TrainResult(artifact, trainer.global_step, metrics)
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.mend", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/train/mend.yaml", help="MENDTrainConfig YAML (checked strictly)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--val-every", type=int, help="steps between validations and last.ckpt saves")
-    p.add_argument("--fast-dev-run", action="store_true", help="one train and one validation batch, no logging")
-    p.add_argument("--wandb", choices=["online", "offline", "disabled"], help="default: $WANDB_MODE, else the config")
-    p.add_argument("--out", help="where the exported artefact goes")
-    p.add_argument("--run-dir", help="Lightning checkpoints and W&B files")
-    p.add_argument("--data-dir", help="dataset folder (default: $RECIPE_DATA_DIR)")
-    p.add_argument("--limit-per-dataset", type=int)
-    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed"])
-    p.add_argument("--accelerator")
-    p.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v)
-    p.add_argument("--strategy")
-    p.add_argument("--init-from", help="exported artefact folder to continue from (default: the config's init_from)")
-    p.add_argument("--no-resume", action="store_true", help="ignore <run_dir>/checkpoints/last.ckpt")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    wandb = args.wandb or os.environ.get("WANDB_MODE")
-    if wandb == "dryrun":
-        wandb = "offline"
-    overrides = {"max_steps": args.max_steps, "val_every": args.val_every, "wandb": wandb, "out": args.out,
-                 "run_dir": args.run_dir, "data_dir": args.data_dir, "limit_per_dataset": args.limit_per_dataset,
-                 "precision": args.precision, "accelerator": args.accelerator, "devices": args.devices,
-                 "strategy": args.strategy, "init_from": args.init_from}
-    cfg = load_config(MENDTrainConfig, args.config, **overrides)
-    result = train(cfg, fast_dev_run=args.fast_dev_run, resume=not args.no_resume)
-    log.info("exported %s after %d steps", result.artifact, result.global_step)
-    return 0
+    return run_cli(argv, prog="python -m train.mend", doc=__doc__, config_cls=MENDTrainConfig,
+                   default_config="configs/train/mend.yaml", train_fn=train)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from recipe.config import load_config
 from recipe.errors import ConfigError
@@ -184,9 +184,11 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
     return TrainResult(artifact, trainer.global_step, metrics)
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.recipe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/train/recipe.yaml", help="TrainConfig YAML (checked strictly)")
+def run_cli(argv: Sequence[str] | None, *, prog: str, doc: str, config_cls: type, default_config: str,
+            train_fn: Callable) -> int:
+    """The command line shared by ``train.recipe`` and ``train.mend``: flags override the YAML config."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--config", default=default_config, help=f"{config_cls.__name__} YAML (checked strictly)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--val-every", type=int, help="steps between validations and last.ckpt saves")
     p.add_argument("--fast-dev-run", action="store_true", help="one train and one validation batch, no logging")
@@ -199,25 +201,26 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--accelerator")
     p.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v)
     p.add_argument("--strategy")
-    p.add_argument("--init-from", help="exported artefact folder to fine-tune (default: the config's init_from)")
+    p.add_argument("--init-from", help="exported artefact folder to start from (default: the config's init_from)")
     p.add_argument("--no-resume", action="store_true", help="ignore <run_dir>/checkpoints/last.ckpt")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     wandb = args.wandb or os.environ.get("WANDB_MODE")
     if wandb == "dryrun":
         wandb = "offline"
-    overrides = {"max_steps": args.max_steps, "val_every": args.val_every, "wandb": wandb, "out": args.out, "run_dir": args.run_dir,
-                 "data_dir": args.data_dir, "limit_per_dataset": args.limit_per_dataset,
+    overrides = {"max_steps": args.max_steps, "val_every": args.val_every, "wandb": wandb, "out": args.out,
+                 "run_dir": args.run_dir, "data_dir": args.data_dir, "limit_per_dataset": args.limit_per_dataset,
                  "precision": args.precision, "accelerator": args.accelerator, "devices": args.devices,
                  "strategy": args.strategy, "init_from": args.init_from}
-    cfg = load_config(TrainConfig, args.config, **overrides)
-    result = train(cfg, fast_dev_run=args.fast_dev_run, resume=not args.no_resume)
+    cfg = load_config(config_cls, args.config, **overrides)
+    result = train_fn(cfg, fast_dev_run=args.fast_dev_run, resume=not args.no_resume)
     log.info("exported %s after %d steps", result.artifact, result.global_step)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(argv, prog="python -m train.recipe", doc=__doc__, config_cls=TrainConfig,
+                   default_config="configs/train/recipe.yaml", train_fn=train)
 
 
 if __name__ == "__main__":
