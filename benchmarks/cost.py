@@ -34,13 +34,6 @@ log = logging.getLogger("benchmarks.cost")
 OUT = Path(__file__).resolve().parent / "results" / "cost"
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
-
-
 def _timed(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
@@ -80,13 +73,14 @@ def measure(args) -> dict:
 
     from recipe.data import load_dataset
     from recipe.editors import load_editor
+    from recipe.eval.sequential import proc_status_mb
     from recipe.lm import EditedLM
     from recipe.models import load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer, spec = load_model(args.model)
     lm = EditedLM(model, tokenizer, spec, max_batch=16)
-    rss_loaded = _status_kb("VmRSS")
+    rss_loaded = proc_status_mb("VmRSS")
     cases = load_dataset("zsre", args.data_dir)
     random.Random(0).shuffle(cases)
     cases = cases[:args.edits]
@@ -138,7 +132,7 @@ def measure(args) -> dict:
                              "retrieved_prefix": retrieved},
         "generate_unedited": {k: med(v) for k, v in base_gen.items()},
         "generate_edited": {k: med(v) for k, v in edited_gen.items()},
-        "rss_loaded_mb": rss_loaded / 1024, "rss_peak_mb": _status_kb("VmHWM") / 1024,
+        "rss_loaded_mb": rss_loaded, "rss_peak_mb": proc_status_mb("VmHWM"),
     }
     if interleaved is not None:
         result["generate_interleaved"] = {name: {k: med(v) for k, v in d.items()} for name, d in interleaved.items()}

@@ -95,15 +95,20 @@ def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_t
     return rows
 
 
-def peak_rss_mb() -> float | None:
-    """The process's peak resident memory so far (VmHWM, MB); None where /proc is missing."""
+def proc_status_mb(field: str = "VmHWM") -> float | None:
+    """A memory field of /proc/self/status in MB (VmHWM: peak resident, VmRSS: resident now); None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (VmHWM, MB)."""
+    return proc_status_mb("VmHWM")
 
 
 def _summarise(T: int, rows: list[dict]) -> dict:
