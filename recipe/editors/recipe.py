@@ -39,6 +39,7 @@ from recipe.retrieval.encoders import (KnowledgeEncoder, PromptEncoder, RecipeAr
 from recipe.retrieval.key_index import IndexKind
 from recipe.retrieval.repository import KnowledgeRepository
 from recipe.retrieval.sentinel import KnowledgeSentinel, SentinelMode
+from recipe.retrieval.verifier import load_verifier
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class RecipeConfig(EditorConfig):
     statement_separator: str | None = None  # text after the statement in the prefix; None: the checkpoint's
     sentinel_mode: SentinelMode = "learned"  # "fixed": one threshold for all queries (ablation)
     threshold: float = 0.0  # the fixed mode's threshold on s(q, k)
+    verifier: str | None = None  # EditVerifier artefact (train.verifier) checking accepted entries; None: sentinel alone
+    verifier_threshold: float | None = None  # use the entry when the verifier's p > this; None: the artefact's
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
@@ -76,6 +79,7 @@ class Retrieval:
     edit_id: EditId | None  # the entry whose prompt was used; None: the sentinel rejected
     score: float  # s(q, k) of the top-1 entry (-inf when the repository is empty)
     threshold: float  # s(q, r_s)
+    verified: float = math.nan  # the verifier's p(top-1 entry bears on the query); nan: not asked
 
 
 class RecipeNetworks(nn.Module):
@@ -222,6 +226,10 @@ class RecipeEditor(Editor):
             separator = meta.get("statement_separator", "")
         self.separator = separator if cfg.statement_separator is None else cfg.statement_separator
         self.networks.eval().requires_grad_(False)
+        self.verifier, self.verifier_threshold = None, math.nan
+        if cfg.verifier is not None:
+            self.verifier, vmeta = load_verifier(self._checkpoint_path(cfg.verifier), lm.device)
+            self.verifier_threshold = float(vmeta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
         arch = self.networks.arch
         self.info = {"lm": lm.spec.name, "hidden_size": lm.hidden_size, "key_dim": arch.key_dim,
                      "n_vectors": arch.n_vectors, "prefix_mode": cfg.prefix_mode,
@@ -343,11 +351,24 @@ class RecipeEditor(Editor):
             scores, ids = self.repository.search(r_q / scale, k=1)  # (b, 1) each: s(q, k_top)
             top = torch.from_numpy(scores[:, 0]).to(r_q.device)  # (b,)
             thresholds = self.networks.sentinel(r_q)  # (b,)
-            accept = self.networks.sentinel.accept(top, r_q)  # (b,)
-            for p, ok, edit_id, sc, th in zip(chunk, accept.tolist(), ids[:, 0].tolist(), top.tolist(),
-                                              thresholds.tolist()):
-                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th))
+            accept = self.networks.sentinel.accept(top, r_q).tolist()  # (b,)
+            verified = self._verify(chunk, ids[:, 0].tolist(), accept)
+            for p, ok, edit_id, sc, th, v in zip(chunk, accept, ids[:, 0].tolist(), top.tolist(),
+                                                 thresholds.tolist(), verified):
+                ok = ok and not v <= self.verifier_threshold  # nan (no verifier) never rejects
+                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th, v))
                 out.append(self._prefix(edit_id) if ok else None)
+        return out
+
+    def _verify(self, queries: list[str], edit_ids: list[int], accept: list[bool]) -> list[float]:
+        """The verifier's p for each sentinel-accepted (query, top-1 statement) pair; nan elsewhere."""
+        out = [math.nan] * len(queries)
+        rows = [i for i, ok in enumerate(accept) if ok]
+        if self.verifier is None or not rows:
+            return out
+        p = self.verifier.probability([queries[i] for i in rows], [self._statements[edit_ids[i]] for i in rows])
+        for i, v in zip(rows, p.tolist()):
+            out[i] = v
         return out
 
     def _prefix(self, edit_id: EditId) -> Tensor:

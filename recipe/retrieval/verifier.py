@@ -1,0 +1,128 @@
+"""EditVerifier: a cross-encoder that checks the sentinel's decision (not in the RECIPE paper).
+
+The retriever scores a query and a statement from two separate sentence vectors, so a query about
+*another relation of the same subject* ("Where was Joe Biden born?" against "The spouse of Joe Biden
+is Jill Biden") scores close to the edit's own questions: on the RippleEdits recent test the learned
+sentinel accepted 47% of such Relation_Specificity probes, and no constant margin on its threshold
+rejects them without losing paraphrases (``benchmarks/retrieval_check.py``, margins). A pooled
+pair classifier on frozen sentence vectors did not separate them either
+(``benchmarks/results/retrieval/verifier_probe.txt``).
+
+The verifier reads both texts in one sequence, ``[CLS] query [SEP] statement [SEP]``, so every layer
+compares the query's relation words with the statement's: the same sentence-encoder body (MiniLM), its
+top ``train_body_layers`` layers trained, mean pooling over real tokens, an MLP to one logit =
+log-odds that the statement answers or bears on the query. It runs once per *accepted* query, on the
+top-1 entry only: ``RecipeEditor`` uses that entry's prompt only when ``sigmoid(logit) > threshold``.
+A rejection gives the unedited model, exactly as a sentinel rejection does.
+
+Artefact: ``verifier.safetensors`` (the head and trained body layers in fp16; the frozen layers come
+from the body's own package) + ``verifier.json`` (architecture, threshold, sha256, training record).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from recipe.errors import IncompatibleError, RecipeError
+from recipe.retrieval.encoders import EncoderName, body_layers, load_body
+
+VERIFIER_WEIGHTS, VERIFIER_META, VERIFIER_FORMAT = "verifier.safetensors", "verifier.json", "recipe-verifier"
+
+
+@dataclass
+class VerifierArchitecture:
+    encoder: EncoderName = "all-MiniLM-L6-v2"  # sentence-encoder body; "tiny-bert" is random, for tests
+    train_body_layers: int = 3  # top layers of the body that train (of MiniLM's 6)
+    head_hidden: int = 256  # width of the MLP head
+    max_tokens: int = 96  # query + statement, truncated to this many tokens
+
+
+class EditVerifier(nn.Module):
+    """(queries, statements) -> logits (B,): does the statement bear on the query?"""
+
+    def __init__(self, arch: VerifierArchitecture, seed: int = 0):
+        super().__init__()
+        self.arch, self.seed = arch, seed  # the seed builds "tiny-bert"'s frozen random layers: saved with it
+        self.body, self.tokenizer = load_body(arch.encoder, seed)
+        d = self.body.config.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, arch.head_hidden), nn.GELU(),
+                                      nn.Linear(arch.head_hidden, 1))
+        name, layers = body_layers(self.body)
+        n_train = max(0, min(arch.train_body_layers, len(layers)))
+        self.trained_prefixes = tuple(f"body.{name}.{i}." for i in range(len(layers) - n_train, len(layers)))
+        self.body.requires_grad_(False)
+        for layer in list(layers)[len(layers) - n_train:]:
+            layer.requires_grad_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head[1].weight.device
+
+    def forward(self, queries: Sequence[str], statements: Sequence[str]) -> Tensor:
+        if len(queries) != len(statements):
+            raise RecipeError(f"{len(queries)} queries for {len(statements)} statements")
+        batch = self.tokenizer(list(queries), list(statements), padding=True, truncation="longest_first",
+                               max_length=self.arch.max_tokens, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, T)
+        extra = {"token_type_ids": batch["token_type_ids"].to(self.device)} if "token_type_ids" in batch else {}
+        hidden = self.body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state.float()  # (B, T, d)
+        m = mask[..., None].to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        return self.head(pooled)[:, 0]  # (B,)
+
+    @torch.no_grad()
+    def probability(self, queries: Sequence[str], statements: Sequence[str], batch_size: int = 64) -> Tensor:
+        """sigmoid(logit) for every pair, in batches: (B,) float32 on the CPU."""
+        out = [torch.sigmoid(self(queries[s:s + batch_size], statements[s:s + batch_size]).float()).cpu()
+               for s in range(0, len(queries), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def artifact_state(self) -> dict[str, Tensor]:
+        """The tensors training changes: the head and the trained body layers."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("body.") or k.startswith(self.trained_prefixes)}
+
+
+def save_verifier(verifier: EditVerifier, out_dir: str | Path, threshold: float = 0.5, extra: dict | None = None) -> Path:
+    """Write ``verifier.safetensors`` (fp16) + ``verifier.json`` to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in verifier.artifact_state().items()}
+    if not all(torch.isfinite(v).all() for v in tensors.values()):
+        raise RecipeError("cannot export the verifier: some weights overflow float16")
+    safetensors.torch.save_file(tensors, str(out / VERIFIER_WEIGHTS))
+    meta = {"format": VERIFIER_FORMAT, "architecture": dataclasses.asdict(verifier.arch), "seed": verifier.seed, "threshold": float(threshold),
+            "sha256": hashlib.sha256((out / VERIFIER_WEIGHTS).read_bytes()).hexdigest(),
+            **({"training": extra} if extra else {})}
+    (out / VERIFIER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def load_verifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[EditVerifier, dict]:
+    """``(verifier in eval mode, its verifier.json)``; clear errors for a missing or changed artefact."""
+    path = Path(path)
+    meta_path, weights = path / VERIFIER_META, path / VERIFIER_WEIGHTS
+    if not meta_path.exists() or not weights.exists():
+        raise RecipeError(f"{path} is not a verifier artefact (needs {VERIFIER_META} and {VERIFIER_WEIGHTS})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != VERIFIER_FORMAT:
+        raise IncompatibleError(f"{meta_path} has format {meta.get('format')!r}, expected {VERIFIER_FORMAT!r}")
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta.get("sha256"):
+        raise IncompatibleError(f"{weights} does not match the sha256 in {meta_path} (changed or half-written)")
+    verifier = EditVerifier(VerifierArchitecture(**meta["architecture"]), seed=int(meta.get("seed", 0)))
+    state = {k: v.float() for k, v in safetensors.torch.load_file(str(weights)).items()}
+    expected = set(verifier.artifact_state())
+    if set(state) != expected:
+        raise IncompatibleError(f"{weights} holds other tensors than this architecture trains "
+                                f"(missing {sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]})")
+    verifier.load_state_dict(state, strict=False)
+    return verifier.to(device).eval().requires_grad_(False), meta

@@ -1,0 +1,200 @@
+"""Train the EditVerifier (recipe/retrieval/verifier.py) with Lightning, then export it.
+
+    python -m train.verifier --config configs/train/verifier.yaml [--max-steps N] [--fast-dev-run]
+        [--wandb online|offline|disabled] [--out checkpoints/recipe-verifier] [--run-dir runs/verifier]
+
+Pairs (query, statement) come from the same training sets as RECIPE (``train.data.TRAIN_DATASETS``,
+never the evaluation files): label 1 for the edit prompt and up to ``positives`` of its generality
+probes (rephrases, aliases, logical/reasoning questions about the edited fact), label 0 for up to
+``negatives`` of its locality probes (RippleEdits' Relation_Specificity: the same subject, another
+relation; CounterFact's neighbourhood: the same relation, another subject; zsRE's unrelated NQ
+questions) plus the prompt of one other random edit. Loss: binary cross-entropy. Logged: loss,
+accuracy, acceptance of positives, rejection of negatives (train and held-out validation cases).
+Resumes from ``<run_dir>/checkpoints/last.ckpt``; W&B offline by default; the CLI is train.recipe's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture, load_verifier, save_verifier
+from recipe.types import EditCase
+from train.data import TRAIN_DATASETS
+from train.recipe import _logger, _step_timer, run_cli
+
+Pair = tuple[str, str, float]  # (query, statement, label)
+
+
+@dataclass
+class VerifierTrainConfig:
+    architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)
+    init_from: str | None = None  # an exported verifier to continue from
+    datasets: list[str] = field(default_factory=lambda: list(TRAIN_DATASETS))
+    data_dir: str | None = None  # None: $RECIPE_DATA_DIR
+    limit_per_dataset: int | None = None
+    positives: int = 3  # generality probes per edit (besides its prompt)
+    negatives: int = 3  # locality probes per edit (besides one other edit's prompt)
+    val_fraction: float = 0.05  # held-out share of the edits
+    threshold: float = 0.5  # written to the artefact: accept when p > threshold
+    batch_size: int = 32
+    lr: float = 1.0e-3  # head
+    body_lr: float = 3.0e-5  # trained body layers
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    max_steps: int = 600
+    val_every: int = 100
+    limit_val_batches: int = 20
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    run_dir: str = "runs/verifier"
+    out: str = "checkpoints/recipe-verifier"
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    wandb_project: str = "recipe"
+    log_every: int = 10
+
+
+def case_pairs(cases: Sequence[EditCase], positives: int, negatives: int, seed: int) -> list[Pair]:
+    """Labelled (query, statement) pairs of ``cases`` (see the module docstring), drawn under ``seed``."""
+    rng = random.Random(seed)
+    pairs: list[Pair] = []
+    for i, case in enumerate(cases):
+        statement = case.requests[0].statement
+        gen = [g.prompt for g in case.generality]
+        loc = [p.prompt for p in case.locality if p.prompt != case.requests[0].prompt]
+        pairs.append((case.requests[0].prompt, statement, 1.0))
+        pairs += [(q, statement, 1.0) for q in rng.sample(gen, min(positives, len(gen)))]
+        pairs += [(q, statement, 0.0) for q in rng.sample(loc, min(negatives, len(loc)))]
+        j = rng.randrange(len(cases))  # one other edit's question: an easy negative
+        if j != i and cases[j].requests[0].subject != case.requests[0].subject:
+            pairs.append((cases[j].requests[0].prompt, statement, 0.0))
+    return pairs
+
+
+def split_pairs(cfg: VerifierTrainConfig, cases_by_set: dict[str, list[EditCase]]) -> tuple[list[Pair], list[Pair]]:
+    """Train / validation pairs; validation holds out whole edits (``val_fraction`` of each set)."""
+    train, val = [], []
+    for name, cases in cases_by_set.items():
+        cases = list(cases)
+        random.Random(cfg.seed).shuffle(cases)
+        n_val = max(1, int(len(cases) * cfg.val_fraction)) if len(cases) > 1 else 0
+        val += case_pairs(cases[:n_val], cfg.positives, cfg.negatives, cfg.seed)
+        train += case_pairs(cases[n_val:], cfg.positives, cfg.negatives, cfg.seed + 1)
+    return train, val
+
+
+def _collate(batch: list[Pair]):
+    return [b[0] for b in batch], [b[1] for b in batch], torch.tensor([b[2] for b in batch])
+
+
+def _module(verifier: EditVerifier, cfg: VerifierTrainConfig):
+    import lightning as L
+
+    class VerifierModule(L.LightningModule):
+        """Thin: BCE on the verifier's logits; metrics per split."""
+
+        def __init__(self):
+            super().__init__()
+            self.verifier = verifier
+
+        def _step(self, batch, split: str):
+            queries, statements, labels = batch
+            logits = self.verifier(queries, statements)
+            labels = labels.to(logits.device)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+            accept = torch.sigmoid(logits.float()) > cfg.threshold
+            pos, neg = labels > 0.5, labels < 0.5
+            n = len(queries)
+            self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split == "train")
+            self.log(f"{split}/accuracy", (accept == pos).float().mean(), batch_size=n)
+            if pos.any():
+                self.log(f"{split}/accept_positive", accept[pos].float().mean(), batch_size=int(pos.sum()))
+            if neg.any():
+                self.log(f"{split}/reject_negative", (~accept[neg]).float().mean(), batch_size=int(neg.sum()))
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, batch_idx):
+            self._step(batch, "val")
+
+        def configure_optimizers(self):
+            body = [p for n, p in self.verifier.named_parameters() if p.requires_grad and n.startswith("body.")]
+            head = [p for n, p in self.verifier.named_parameters() if p.requires_grad and not n.startswith("body.")]
+            opt = torch.optim.AdamW([{"params": head, "lr": cfg.lr}, {"params": body, "lr": cfg.body_lr}],
+                                    weight_decay=0.01)
+            warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+    return VerifierModule()
+
+
+@dataclass
+class VerifierTrainResult:
+    artifact: Path
+    global_step: int
+    metrics: dict[str, float]
+
+
+def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] | None = None,
+          fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> VerifierTrainResult:
+    """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt``) and export; ``cases_by_set`` is injectable."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from recipe.data import load_dataset
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cases_by_set is None:
+        cases_by_set = {name: load_dataset(name, cfg.data_dir, cfg.limit_per_dataset) for name in cfg.datasets}
+    train_pairs, val_pairs = split_pairs(cfg, cases_by_set)
+    verifier = load_verifier(cfg.init_from)[0].train() if cfg.init_from else EditVerifier(cfg.architecture, cfg.seed)
+    if cfg.init_from:  # load_verifier freezes everything: let the trained layers and head learn again
+        for name, p in verifier.named_parameters():
+            p.requires_grad_(not name.startswith("body.") or name.startswith(verifier.trained_prefixes))
+    module = _module(verifier, cfg)
+    loader = lambda pairs, shuffle: DataLoader(pairs, batch_size=cfg.batch_size, shuffle=shuffle,  # noqa: E731
+                                               collate_fn=_collate, num_workers=cfg.num_workers)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    logger = None if fast_dev_run else _logger(cfg, run_dir)
+    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
+        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
+    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
+                        devices=cfg.devices, strategy=cfg.strategy, logger=logger if logger is not None else False,
+                        callbacks=callbacks, fast_dev_run=fast_dev_run, enable_checkpointing=not fast_dev_run,
+                        val_check_interval=min(cfg.val_every, max(1, len(train_pairs) // cfg.batch_size)),
+                        check_val_every_n_epoch=None, limit_val_batches=cfg.limit_val_batches,
+                        gradient_clip_val=cfg.grad_clip or None, log_every_n_steps=cfg.log_every,
+                        default_root_dir=str(run_dir), enable_progress_bar=progress, enable_model_summary=False)
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
+    trainer.fit(module, train_dataloaders=loader(train_pairs, True), val_dataloaders=loader(val_pairs, False),
+                ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    artifact = save_verifier(verifier, cfg.out, cfg.threshold,
+                             extra={"steps": trainer.global_step, "datasets": list(cases_by_set),
+                                    "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                                    "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    return VerifierTrainResult(artifact, trainer.global_step, metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(argv, prog="python -m train.verifier", doc=__doc__, config_cls=VerifierTrainConfig,
+                   default_config="configs/train/verifier.yaml", train_fn=train)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
