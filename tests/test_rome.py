@@ -50,6 +50,18 @@ def test_memit_update_solves_its_normal_equations():
     assert torch.allclose(dW @ (7.0 * C + K @ K.T), R @ K.T, atol=1e-10)  # MEMIT eq. 14
 
 
+def test_memit_writes_a_single_key_in_proportion_to_its_whitened_norm():
+    # One key: ΔW k = R · s/(λ + s) with s = kᵀC⁻¹k. λ must be small next to s for an edit to land
+    # (SmolLM2's subject keys have s ≈ 4,400-7,800: GPT-J's λ = 15000 wrote about a third of R).
+    g = torch.Generator().manual_seed(0)
+    C, k, r = _spd(16, 3), torch.randn(16, 1, generator=g, dtype=torch.float64), torch.randn(10, 1, generator=g,
+                                                                                           dtype=torch.float64)
+    s = (k.T @ torch.linalg.solve(C, k)).item()
+    for lam in (0.1 * s, s, 10 * s):
+        dW = memit.memit_layer_update(C, k, r, mom2_weight=lam)
+        assert torch.allclose(dW @ k, r * s / (lam + s), atol=1e-10)
+
+
 def test_memit_edit_updates_every_layer_by_its_normal_equations(tiny, monkeypatch):
     calls = []
     real = memit.memit_layer_update
