@@ -84,6 +84,24 @@ def target_right(d: dict) -> dict:
     return out
 
 
+def with_verifier(d: dict, path: str, thresholds: list[float], margins: list[float]) -> dict:
+    """Per-group rates when the verifier must also pass each accepted (query, top-1) pair, for the
+    learned sentinel shifted by each margin (a negative margin accepts more and lets the verifier veto)."""
+    from recipe.retrieval.verifier import load_verifier
+
+    verifier, _ = load_verifier(path)
+    rows = (d["top"] > d["threshold"] + min(margins)).nonzero()[:, 0].tolist()
+    p = torch.zeros(len(d["queries"]))
+    p[rows] = verifier.probability([d["queries"][i] for i in rows], [d["statements"][int(d["idx"][i])] for i in rows])
+    out = {}
+    for m in margins:
+        for t in thresholds:
+            threshold = d["threshold"] + m
+            threshold[p <= t] = math.inf  # vetoed: never accepted
+            out[f"margin {m} / p > {t}"] = {"kinds": rates(d, threshold), "groups": rates(d, threshold, by="groups")}
+    return out
+
+
 @torch.no_grad()
 def raw_minilm(d: dict) -> dict:
     """recall@1 of the untrained all-MiniLM-L6-v2 cosine, alone and added to the learned score."""
@@ -129,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", help="comma-separated training sets for the fixed-threshold ablation")
     p.add_argument("--margins", default="0,0.5,1,1.5,2,3", help="constants added to the learned threshold")
     p.add_argument("--raw", action="store_true", help="also rank by the untrained MiniLM's cosine")
+    p.add_argument("--verifier", help="an EditVerifier artefact: rates with its veto on accepted entries")
+    p.add_argument("--verifier-thresholds", default="0.3,0.5,0.7")
+    p.add_argument("--verifier-margins", default="-2,-1,0", help="sentinel margins tried with the verifier")
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "retrieval")
     args = p.parse_args(argv)
@@ -142,6 +163,10 @@ def main(argv=None) -> int:
               "margins": {m: rates(d, d["threshold"] + float(m), by="groups") for m in args.margins.split(",")}}
     if args.raw:
         result["raw_minilm"] = raw_minilm(d)
+    if args.verifier:
+        result["verifier"] = {"path": args.verifier, **with_verifier(
+            d, args.verifier, [float(t) for t in args.verifier_thresholds.split(",")],
+            [float(m) for m in args.verifier_margins.split(",")])}
     if args.calibrate:
         cal = [c for name in args.calibrate.split(",") for c in load_dataset(name, args.data_dir)]
         t = best_fixed(scores_for(nets, cal))

@@ -184,6 +184,9 @@ def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] |
     trainer.fit(module, train_dataloaders=loader(train_pairs, True), val_dataloaders=loader(val_pairs, False),
                 ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if val_pairs:  # the held-out metrics of the exported weights, also when the fit resumed at max_steps
+        metrics.update({k: float(v) for k, v in trainer.validate(module, dataloaders=loader(val_pairs, False),
+                                                                  verbose=False)[0].items()})
     artifact = save_verifier(verifier, cfg.out, cfg.threshold,
                              extra={"steps": trainer.global_step, "datasets": list(cases_by_set),
                                     "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
