@@ -12,10 +12,13 @@ Three runs over one prompt:
 
 The indirect effect of a state is ``p_restored − p_corrupt`` (ROME §2.1). :func:`trace` returns
 every restored probability as (layers, tokens) arrays; :func:`plot_trace` draws ROME Fig. 1-style
-heatmaps. Each (kind, layer) costs one forward over tokens × samples rows.
+heatmaps. Each (kind, layer) costs one forward over tokens × samples rows. :func:`layer_effects` is the
+cheap aggregate over many facts (ROME Fig. 2's average indirect effect): one token per fact (by
+default the subject's last), so each (kind, layer) costs one forward over samples rows.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -29,6 +32,8 @@ from recipe.lm import EditedLM
 
 Kind = Literal["residual", "mlp", "attn"]
 KINDS: tuple[Kind, ...] = ("residual", "mlp", "attn")
+Token = Literal["subject_last", "subject_first", "last"]  # which token layer_effects restores
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,11 +71,31 @@ def subject_span(lm: EditedLM, prompt: str, subject: str) -> tuple[int, int]:
     return hits[0], hits[-1]
 
 
+@torch.no_grad()
+def embedding_std(lm: EditedLM, chunk: int = 8192) -> float:
+    """Standard deviation of the input embedding *module's output* over the whole vocabulary: the σ of
+    the noise. Not ``weight.std()``: Gemma's embedding multiplies its rows by √hidden (≈ 25 for 640)."""
+    embed = lm.model.get_input_embeddings()
+    total = total_sq = 0.0
+    n = 0
+    for start in range(0, embed.weight.shape[0], chunk):
+        ids = torch.arange(start, min(start + chunk, embed.weight.shape[0]), device=lm.device)
+        x = embed(ids).double()  # (chunk, H)
+        total, total_sq, n = total + x.sum().item(), total_sq + (x * x).sum().item(), n + x.numel()
+    mean = total / n
+    return ((total_sq - n * mean * mean) / (n - 1)) ** 0.5
+
+
+def _window(layer: int, w: int, n_layers: int) -> range:
+    """ROME's window: ``w`` layers centred on ``layer``, clipped to the model."""
+    return range(max(0, layer - w // 2), min(n_layers, layer - (-w // 2)))
+
+
 class _Tracer:
     """The clean states and the noisy embeddings of one prompt, and patched forward passes."""
 
     def __init__(self, lm: EditedLM, prompt: str, subject: str, target: str | None, n_samples: int,
-                 noise_factor: float, seed: int, attn_module: str):
+                 noise_factor: float, seed: int, attn_module: str, sigma: float | None = None):
         self.lm, self.attn_module = lm, attn_module
         self.ids = torch.tensor(lm.prompt_ids(prompt), device=lm.device)  # (T,)
         self.span = subject_span(lm, prompt, subject)
@@ -80,9 +105,20 @@ class _Tracer:
         gen = torch.Generator().manual_seed(seed)
         first, last = self.span
         noise = torch.randn(n_samples, last - first + 1, self.embeds.shape[1], generator=gen)
-        self.noise = (noise_factor * embed.weight.std() * noise.to(self.embeds)).detach()  # (S, n_subj, H)
+        sigma = embedding_std(lm) if sigma is None else sigma
+        self.noise = (noise_factor * sigma * noise.to(self.embeds)).detach()  # (S, n_subj, H)
         self.clean = self._clean_states()
         self.target_id = int(self.clean_logits.argmax()) if target is None else lm.target_ids(target)[0]
+        self.p_clean = torch.softmax(self.clean_logits.float(), -1)[self.target_id].item()
+
+    def token_index(self, token: Token) -> int:
+        if token == "subject_last":
+            return self.span[1]
+        if token == "subject_first":
+            return self.span[0]
+        if token == "last":
+            return len(self.ids) - 1
+        raise RecipeError(f"unknown token {token!r}; known: subject_last, subject_first, last")
 
     def path(self, kind: Kind, layer: int) -> str:
         if kind == "residual":
@@ -156,24 +192,71 @@ def trace(lm: EditedLM, prompt: str, subject: str, target: str | None = None, *,
     layer's MLP alone moves little."""
     tracer = _Tracer(lm, prompt, subject, target, n_samples, noise_factor, seed, attn_module)
     T, L = len(tracer.ids), tracer.n_layers
-    p_clean = torch.softmax(tracer.clean_logits.float(), -1)[tracer.target_id].item()
     p_corrupt = tracer.probs([[]]).item()
     scores = {}
     for kind in kinds:
         w = 1 if kind == "residual" else window
-        span = lambda layer: range(max(0, layer - w // 2), min(L, layer - (-w // 2)))  # ROME's window
-        rows = [tracer.probs([[(tracer.path(kind, j), t) for j in span(layer)] for t in range(T)]) for layer in range(L)]
+        rows = [tracer.probs([[(tracer.path(kind, j), t) for j in _window(layer, w, L)] for t in range(T)])
+                for layer in range(L)]
         scores[kind] = torch.stack(rows).cpu().numpy()  # (L, T)
     tokens = [lm.tokenizer.decode([i]) for i in tracer.ids.tolist()]
     return TraceResult(prompt, subject, lm.tokenizer.decode([tracer.target_id]), tokens, tracer.span,
-                       p_clean, p_corrupt, scores)
+                       tracer.p_clean, p_corrupt, scores)
+
+
+@dataclass
+class LayerEffects:
+    """Indirect effects of restoring one state at one token per fact (ROME Fig. 2's average indirect
+    effect): ``effects[kind]`` is (facts, layers) of ``p_restored − p_corrupt``."""
+
+    facts: list[tuple[str, str, str | None]]  # (prompt, subject, target)
+    token: str  # which token was restored: subject_last, subject_first or last
+    window: int  # MLP/attention layers restored together, centred on the layer
+    n_samples: int
+    p_clean: np.ndarray  # (F,)
+    p_corrupt: np.ndarray  # (F,)
+    effects: dict[str, np.ndarray]
+
+    def average(self, kind: Kind) -> np.ndarray:
+        """Average indirect effect per layer over the facts: (L,)."""
+        return self.effects[kind].mean(0)
+
+    def best_layer(self, kind: Kind = "mlp") -> int:
+        """The layer with the largest average indirect effect."""
+        return int(np.argmax(self.average(kind)))
+
+
+def layer_effects(lm: EditedLM, facts: Sequence[tuple[str, str, str | None]], *, n_samples: int = 10,
+                  noise_factor: float = 3.0, seed: int = 0, token: Token = "subject_last",
+                  kinds: Sequence[Kind] = KINDS, window: int = 1, attn_module: str = "self_attn") -> LayerEffects:
+    """For every fact (prompt, subject, target or None for the clean argmax) and every (kind, layer),
+    the indirect effect of restoring that state at ``token`` alone (MLP/attention: over ``window``
+    layers centred on it, as :func:`trace`). Equals ``trace(...).indirect_effect(kind)[:, token]`` per
+    fact with the same seed, at 1/tokens of the cost: one forward of layers × samples rows per kind."""
+    if not facts:
+        raise RecipeError("layer_effects needs at least one fact")
+    sigma = embedding_std(lm)
+    p_clean, p_corrupt, effects = [], [], {kind: [] for kind in kinds}
+    for i, (prompt, subject, target) in enumerate(facts):
+        tracer = _Tracer(lm, prompt, subject, target, n_samples, noise_factor, seed, attn_module, sigma)
+        t, L = tracer.token_index(token), tracer.n_layers
+        p_clean.append(tracer.p_clean)
+        p_corrupt.append(tracer.probs([[]]).item())
+        for kind in kinds:
+            w = 1 if kind == "residual" else window
+            groups = [[(tracer.path(kind, j), t) for j in _window(layer, w, L)] for layer in range(L)]
+            effects[kind].append(tracer.probs(groups).cpu().numpy() - p_corrupt[-1])  # (L,)
+        log.info("fact %d/%d: p_clean %.3f, p_corrupt %.3f", i + 1, len(facts), p_clean[-1], p_corrupt[-1])
+    return LayerEffects([tuple(f) for f in facts], token, window, n_samples, np.array(p_clean), np.array(p_corrupt),
+                        {kind: np.stack(rows) for kind, rows in effects.items()})
 
 
 def restored_probability(lm: EditedLM, prompt: str, subject: str, target: str | None,
                          restore: Sequence[tuple[Kind, int, int]], *, n_samples: int = 5, noise_factor: float = 3.0,
                          seed: int = 0, attn_module: str = "self_attn") -> float:
     """Mean target probability of the corrupted run with every (kind, layer, token) in ``restore`` set
-    back to its clean value at once (same noise as :func:`trace` with the same seed)."""
+    back to its clean value at once (same noise as :func:`trace` with the same seed); an empty
+    ``restore`` gives ``p_corrupt``."""
     tracer = _Tracer(lm, prompt, subject, target, n_samples, noise_factor, seed, attn_module)
     return tracer.probs([[(tracer.path(k, layer), t) for k, layer, t in restore]]).item()
 

@@ -62,3 +62,34 @@ def test_window_restores_neighbouring_layers_together(tiny):
     token = windowed.subject_tokens[1]
     both = locate.restored_probability(tiny, PROMPT, SUBJECT, None, [("mlp", 0, token), ("mlp", 1, token)], n_samples=2)
     assert windowed.scores["mlp"][1, token] == pytest.approx(both, rel=1e-5)  # layer 1 with w=2: layers 0 and 1
+
+
+FACTS = [(PROMPT, SUBJECT, None), ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "French")]
+
+
+def test_layer_effects_is_the_mean_of_single_restorations(tiny):
+    effects = locate.layer_effects(tiny, FACTS, n_samples=2, window=2)
+    L = tiny.model.config.num_hidden_layers
+    assert effects.p_clean.shape == effects.p_corrupt.shape == (len(FACTS),)
+    for kind in locate.KINDS:
+        assert effects.effects[kind].shape == (len(FACTS), L)
+        assert effects.average(kind).shape == (L,)
+        want = []
+        for (prompt, subject, target) in FACTS:
+            token = locate.subject_span(tiny, prompt, subject)[1]
+            p_corrupt = locate.restored_probability(tiny, prompt, subject, target, [], n_samples=2)
+            # residual: one layer; MLP/attention with window 2: layers (layer - 1, layer), as in trace
+            layers = [[layer] if kind == "residual" else [max(0, layer - 1), layer] for layer in range(L)]
+            want.append([locate.restored_probability(tiny, prompt, subject, target,
+                                                     [(kind, j, token) for j in js], n_samples=2) - p_corrupt
+                         for js in layers])
+        assert effects.average(kind) == pytest.approx(np.mean(want, axis=0), rel=1e-4, abs=1e-7)
+    assert 0 <= effects.best_layer("mlp") < L
+
+
+def test_layer_effects_equals_the_trace_column_of_the_subjects_last_token(tiny, result):
+    effects = locate.layer_effects(tiny, FACTS[:1], n_samples=3)
+    column = result.subject_tokens[1]
+    for kind in locate.KINDS:
+        assert effects.effects[kind][0] == pytest.approx(result.indirect_effect(kind)[:, column], rel=1e-4, abs=1e-7)
+    assert effects.p_corrupt[0] == pytest.approx(result.p_corrupt, rel=1e-5)
