@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/baselines/*: every weight editor through the same sequential loop as RECIPE.
 #   RECIPE_DATA_DIR=/path/to/data bash benchmarks/baselines.sh [editor ...]
-# then `.venv/bin/python benchmarks/baselines_table.py` writes benchmarks/results/baselines/table.md + plot.
+# then `.venv/bin/python benchmarks/editors_table.py` writes benchmarks/results/editors/{table.md,editors.png}
+# (every run under benchmarks/results/, these included).
 #
 # CPU budget (2 cores, one torch thread per run): the first 20 cases of the seed-0 shuffle at T=1 and
 # T=10 (20 single-edit rounds; 2 rounds of 10) and 100 cases at T=100 (one round); ROME and MEMIT
