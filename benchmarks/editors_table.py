@@ -32,6 +32,8 @@ def collect(root: Path = ROOT) -> list[dict]:
             continue  # ablations and the superseded v1 RECIPE checkpoint are reported on their own
         if "--config" in argv:  # a non-default config is another line in the table
             editor = f"{editor} ({Path(_arg(argv, '--config')).stem})"
+        if any(a.startswith("verifier=") for a in argv):  # RECIPE + the EditVerifier: its own line
+            editor = f"{editor} + verifier"
         for s in json.loads(summary.read_text()):
             rows.append({"editor": editor, "dataset": dataset, "run": f"{summary.parent.parent.name}/{summary.parent.name}",
                          "no_generation": "--no-generation" in argv, **s})

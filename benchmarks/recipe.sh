@@ -15,8 +15,16 @@ run() { name=$1; dataset=$2; shift 2
 run recipe-zsre-lifelong        zsre        --edits 1037 --resume
 run recipe-zsre                 zsre        --edits 1,10,100 --cases 100 --resume
 run recipe-counterfact-v2       counterfact --edits 1000 --cases 1000 --score-cases 300 --no-generation
+# all 10,000 CounterFact edits (4 statements occur twice in the split: replace, not refuse)
+run recipe-counterfact-10k      counterfact --edits 10000 --cases 10000 --score-cases 300 --set duplicates=replace
 # RippleEdits recent test: all 1,266 edits applied, the queries of a seeded sample of 250 cases scored
 # (the whole set is 20,438 queries: ~1 h on one CPU thread)
 run recipe-ripple-lifelong      ripple-recent-test --edits 1266 --score-cases 250 --no-generation
-.venv/bin/python benchmarks/retrieval_check.py --dataset zsre --calibrate zsre-train
+# the EditVerifier (python -m train.verifier --config configs/train/verifier.yaml --max-steps 400) as an ablation
+run verifier-counterfact-10k    counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace --set verifier=checkpoints/recipe-verifier
+run verifier-ripple             ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set verifier=checkpoints/recipe-verifier
+run verifier-zsre               zsre        --edits 1037 --no-generation --set verifier=checkpoints/recipe-verifier
+.venv/bin/python benchmarks/retrieval_check.py --dataset zsre --calibrate zsre-train --raw
+.venv/bin/python benchmarks/retrieval_check.py --dataset ripple-recent-test --calibrate ripple-recent-train
+.venv/bin/python benchmarks/retrieval_check.py --dataset ripple-recent-test --verifier checkpoints/recipe-verifier --margins 0
 .venv/bin/python benchmarks/prefix_ablation.py --checkpoint checkpoints/recipe-smollm2 --dataset zsre --n 100
