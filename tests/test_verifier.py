@@ -96,3 +96,17 @@ def test_fast_dev_run_trains_and_exports_a_loadable_verifier(tmp_path):
     assert meta["training"]["train_pairs"] > 0 and "train/loss" in meta["training"]["last_metrics"]
     assert json.loads((result.artifact / "verifier.json").read_text())["threshold"] == 0.5
     assert verifier.probability(["a question"], ["a statement"]).shape == (1,)
+
+
+def test_sentinel_margin_shifts_acceptance(tiny):
+    editor = load_editor("recipe", tiny, {"architecture": ARCH, "sentinel_mode": "fixed", "threshold": 0.0,
+                                          "sentinel_margin": 1.0e9})
+    editor.edit(REQUESTS)
+    tiny.generate(PROMPTS, max_new_tokens=2)
+    assert all(r.edit_id is None for r in editor.last_retrieval)  # nothing beats threshold + 1e9
+    editor.rollback()
+    loose = load_editor("recipe", tiny, {"architecture": ARCH, "sentinel_mode": "fixed", "threshold": 1.0e9,
+                                         "sentinel_margin": -2.0e9})
+    loose.edit(REQUESTS)
+    tiny.generate(PROMPTS, max_new_tokens=2)
+    assert all(r.edit_id is not None for r in loose.last_retrieval)  # s > 1e9 - 2e9 always

@@ -58,6 +58,7 @@ class RecipeConfig(EditorConfig):
     statement_separator: str | None = None  # text after the statement in the prefix; None: the checkpoint's
     sentinel_mode: SentinelMode = "learned"  # "fixed": one threshold for all queries (ablation)
     threshold: float = 0.0  # the fixed mode's threshold on s(q, k)
+    sentinel_margin: float = 0.0  # accept only when s(q, k) > s(q, r_s) + margin (< 0: looser, e.g. with a verifier)
     verifier: str | None = None  # EditVerifier artefact (train.verifier) checking accepted entries; None: sentinel alone
     verifier_threshold: float | None = None  # use the entry when the verifier's p > this; None: the artefact's
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
@@ -351,7 +352,7 @@ class RecipeEditor(Editor):
             scores, ids = self.repository.search(r_q / scale, k=1)  # (b, 1) each: s(q, k_top)
             top = torch.from_numpy(scores[:, 0]).to(r_q.device)  # (b,)
             thresholds = self.networks.sentinel(r_q)  # (b,)
-            accept = self.networks.sentinel.accept(top, r_q).tolist()  # (b,)
+            accept = self.networks.sentinel.accept(top - self.config.sentinel_margin, r_q).tolist()  # (b,)
             verified = self._verify(chunk, ids[:, 0].tolist(), accept)
             for p, ok, edit_id, sc, th, v in zip(chunk, accept, ids[:, 0].tolist(), top.tolist(),
                                                  thresholds.tolist(), verified):
