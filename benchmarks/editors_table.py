@@ -33,7 +33,8 @@ def collect(root: Path = ROOT) -> list[dict]:
         if "--config" in argv:  # a non-default config is another line in the table
             editor = f"{editor} ({Path(_arg(argv, '--config')).stem})"
         if any(a.startswith("verifier=") for a in argv):  # RECIPE + the EditVerifier: its own line
-            editor = f"{editor} + verifier"
+            sets = [a for a in argv if a.startswith(("sentinel_margin=", "verifier_threshold="))]
+            editor = f"{editor} + verifier" + (f" ({', '.join(sets)})" if sets else "")
         for s in json.loads(summary.read_text()):
             rows.append({"editor": editor, "dataset": dataset, "run": f"{summary.parent.parent.name}/{summary.parent.name}",
                          "no_generation": "--no-generation" in argv, **s})

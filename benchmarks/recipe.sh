@@ -23,6 +23,7 @@ run recipe-ripple-lifelong      ripple-recent-test --edits 1266 --score-cases 25
 # the EditVerifier (python -m train.verifier --config configs/train/verifier.yaml --max-steps 400) as an ablation
 run verifier-counterfact-10k    counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace --set verifier=checkpoints/recipe-verifier
 run verifier-ripple             ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set verifier=checkpoints/recipe-verifier
+run verifier-ripple-m2          ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set verifier=checkpoints/recipe-verifier --set sentinel_margin=-2 --set verifier_threshold=0.7
 run verifier-zsre               zsre        --edits 1037 --no-generation --set verifier=checkpoints/recipe-verifier
 .venv/bin/python benchmarks/retrieval_check.py --dataset zsre --calibrate zsre-train --raw
 .venv/bin/python benchmarks/retrieval_check.py --dataset ripple-recent-test --calibrate ripple-recent-train
