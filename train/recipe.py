@@ -133,6 +133,36 @@ def _logger(cfg: TrainConfig, run_dir: Path):
                        config=dataclasses.asdict(cfg))
 
 
+def fit(cfg, module, *, fast_dev_run: bool, resume: bool, progress: bool, fit_kwargs: dict,
+        val_check_interval: int | None = None, **trainer_kwargs):
+    """The Lightning run shared by train.recipe, train.mend and train.verifier: W&B (or CSV) logger,
+    step timer, ``<run_dir>/checkpoints/last.ckpt`` every ``val_every`` steps and resumption from it;
+    ``trainer_kwargs`` go to ``L.Trainer``. Returns the fitted trainer."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    logger = None if fast_dev_run else _logger(cfg, run_dir)
+    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
+        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
+                        devices=cfg.devices, strategy=cfg.strategy, logger=logger if logger is not None else False,
+                        callbacks=callbacks, fast_dev_run=fast_dev_run, enable_checkpointing=not fast_dev_run,
+                        val_check_interval=val_check_interval or cfg.val_every, check_val_every_n_epoch=None,
+                        limit_val_batches=cfg.limit_val_batches, gradient_clip_val=cfg.grad_clip or None,
+                        log_every_n_steps=cfg.log_every, default_root_dir=str(run_dir),
+                        enable_progress_bar=progress, enable_model_summary=not fast_dev_run, **trainer_kwargs)
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, ckpt_path=ckpt_path, **fit_kwargs)
+    return trainer
+
+
 def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditCase] | None = None,
           fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> TrainResult:
     """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt`` when present) and export the artefact.
@@ -140,7 +170,6 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
     ``lm`` and ``cases`` are injectable (tests pass the tiny LM and the demo edits).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lm = lm if lm is not None else load_lm(cfg.model)
@@ -158,25 +187,8 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
                           statement_separator=cfg.statement_separator)
     data = RecipeDataModule(cfg.datasets, cfg.data_dir, cfg.batch_size, cfg.val_size, cfg.limit_per_dataset,
                             cfg.seed, cfg.num_workers, cases=cases, repeats=cfg.dataset_repeats)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    logger = None if fast_dev_run else _logger(cfg, run_dir)
-    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
-        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
-    if logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
-                        devices=cfg.devices, strategy=cfg.strategy, logger=logger if logger is not None else False,
-                        callbacks=callbacks, fast_dev_run=fast_dev_run, enable_checkpointing=not fast_dev_run,
-                        val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
-                        limit_val_batches=cfg.limit_val_batches, gradient_clip_val=cfg.grad_clip or None,
-                        log_every_n_steps=cfg.log_every, default_root_dir=str(run_dir),
-                        enable_progress_bar=progress, enable_model_summary=not fast_dev_run)
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
+                  fit_kwargs={"datamodule": data})
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artifact = save_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
                              extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),

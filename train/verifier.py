@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture, load_verifier, save_verifier
 from recipe.types import EditCase
 from train.data import TRAIN_DATASETS
-from train.recipe import _logger, _step_timer, run_cli
+from train.recipe import fit, run_cli
 
 Pair = tuple[str, str, float]  # (query, statement, label)
 
@@ -151,7 +151,6 @@ def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] |
           fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> VerifierTrainResult:
     """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt``) and export; ``cases_by_set`` is injectable."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
     from recipe.data import load_dataset
@@ -167,22 +166,9 @@ def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] |
     module = _module(verifier, cfg)
     loader = lambda pairs, shuffle: DataLoader(pairs, batch_size=cfg.batch_size, shuffle=shuffle,  # noqa: E731
                                                collate_fn=_collate, num_workers=cfg.num_workers)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    logger = None if fast_dev_run else _logger(cfg, run_dir)
-    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
-        ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
-    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
-                        devices=cfg.devices, strategy=cfg.strategy, logger=logger if logger is not None else False,
-                        callbacks=callbacks, fast_dev_run=fast_dev_run, enable_checkpointing=not fast_dev_run,
-                        val_check_interval=min(cfg.val_every, max(1, len(train_pairs) // cfg.batch_size)),
-                        check_val_every_n_epoch=None, limit_val_batches=cfg.limit_val_batches,
-                        gradient_clip_val=cfg.grad_clip or None, log_every_n_steps=cfg.log_every,
-                        default_root_dir=str(run_dir), enable_progress_bar=progress, enable_model_summary=False)
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
-    trainer.fit(module, train_dataloaders=loader(train_pairs, True), val_dataloaders=loader(val_pairs, False),
-                ckpt_path=ckpt_path)
+    trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
+                  fit_kwargs={"train_dataloaders": loader(train_pairs, True), "val_dataloaders": loader(val_pairs, False)},
+                  val_check_interval=min(cfg.val_every, max(1, len(train_pairs) // cfg.batch_size)))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if val_pairs:  # the held-out metrics of the exported weights, also when the fit resumed at max_steps
         metrics.update({k: float(v) for k, v in trainer.validate(module, dataloaders=loader(val_pairs, False),

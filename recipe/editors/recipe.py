@@ -227,7 +227,7 @@ class RecipeEditor(Editor):
             separator = meta.get("statement_separator", "")
         self.separator = separator if cfg.statement_separator is None else cfg.statement_separator
         self.networks.eval().requires_grad_(False)
-        self.verifier, self.verifier_threshold = None, math.nan
+        self.verifier, self.verifier_threshold = None, None
         if cfg.verifier is not None:
             self.verifier, vmeta = load_verifier(self._checkpoint_path(cfg.verifier), lm.device)
             self.verifier_threshold = float(vmeta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
@@ -352,11 +352,12 @@ class RecipeEditor(Editor):
             scores, ids = self.repository.search(r_q / scale, k=1)  # (b, 1) each: s(q, k_top)
             top = torch.from_numpy(scores[:, 0]).to(r_q.device)  # (b,)
             thresholds = self.networks.sentinel(r_q)  # (b,)
-            accept = self.networks.sentinel.accept(top - self.config.sentinel_margin, r_q).tolist()  # (b,)
+            accept = self.networks.sentinel.accept(top, r_q, self.config.sentinel_margin).tolist()  # (b,)
             verified = self._verify(chunk, ids[:, 0].tolist(), accept)
             for p, ok, edit_id, sc, th, v in zip(chunk, accept, ids[:, 0].tolist(), top.tolist(),
                                                  thresholds.tolist(), verified):
-                ok = ok and not v <= self.verifier_threshold  # nan (no verifier) never rejects
+                if ok and self.verifier is not None:
+                    ok = v > self.verifier_threshold  # the verifier's veto
                 self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th, v))
                 out.append(self._prefix(edit_id) if ok else None)
         return out

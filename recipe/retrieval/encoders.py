@@ -112,6 +112,23 @@ def body_layers(body: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"cannot find the {n} transformer layers of {type(body).__name__}")
 
 
+def train_top_layers(body: nn.Module, n: int, prefix: str = "body.") -> tuple[str, ...]:
+    """Freeze ``body`` except its top ``n`` transformer layers; return the state-dict prefixes of those
+    layers as seen from the owning module (``prefix`` + the layers' dotted path + index)."""
+    layers_name, layers = body_layers(body)
+    n_train = max(0, min(n, len(layers)))
+    body.requires_grad_(False)
+    for layer in list(layers)[len(layers) - n_train:]:
+        layer.requires_grad_(True)
+    return tuple(f"{prefix}{layers_name}.{i}." for i in range(len(layers) - n_train, len(layers)))
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` (B, T, d) over the real tokens of ``mask`` (B, T): (B, d)."""
+    m = mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 class KnowledgeEncoder(nn.Module):
     """Texts -> pooled body features (B, 2d) -> r_k or r_q (B, D)."""
 
@@ -125,12 +142,7 @@ class KnowledgeEncoder(nn.Module):
         # Both heads start equal: before training, s(q, k) then ranks by the body's own similarity
         # (a random projection of [mean; max] keeps it roughly), not by noise; training splits them.
         self.query_head.load_state_dict(self.knowledge_head.state_dict())
-        layers_name, layers = body_layers(body)
-        n_train = max(0, min(arch.train_body_layers, len(layers)))
-        self.trained_body_prefixes = tuple(f"body.{layers_name}.{i}." for i in range(len(layers) - n_train, len(layers)))
-        body.requires_grad_(False)
-        for layer in list(layers)[len(layers) - n_train:]:
-            layer.requires_grad_(True)
+        self.trained_body_prefixes = train_top_layers(body, arch.train_body_layers)
 
     @property
     def device(self) -> torch.device:
@@ -142,9 +154,8 @@ class KnowledgeEncoder(nn.Module):
                                return_tensors="pt")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, T)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, d)
-        m = mask[..., None].to(hidden.dtype)  # (B, T, 1)
-        mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
-        maxed = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)  # (B, d)
+        mean = mean_pool(hidden, mask)  # (B, d)
+        maxed = hidden.masked_fill(mask[..., None] == 0, torch.finfo(hidden.dtype).min).amax(1)  # (B, d)
         return torch.cat([mean, maxed], dim=-1)  # (B, 2d)
 
     def encode_knowledge(self, statements: Sequence[str]) -> Tensor:

@@ -36,9 +36,10 @@ class KnowledgeSentinel(nn.Module):
         with torch.autocast(r_q.device.type, enabled=False):  # float32 even under bf16 autocast
             return r_q.float() @ self.r_s.float() / math.sqrt(self.key_dim) + self.bias.float()  # (B,)
 
-    def accept(self, top_scores: Tensor, r_q: Tensor) -> Tensor:
-        """Which queries use their top-1 entry: ``s(q, k_top) > s(q, r_s)``, (B,) bool.
+    def accept(self, top_scores: Tensor, r_q: Tensor, margin: float = 0.0) -> Tensor:
+        """Which queries use their top-1 entry: ``s(q, k_top) > s(q, r_s) + margin``, (B,) bool.
 
-        An empty repository scores -inf and is never accepted.
+        ``margin`` shifts every query's threshold (negative: accept more). An empty repository scores
+        -inf and is never accepted.
         """
-        return top_scores.float() > self(r_q)
+        return top_scores.float() > self(r_q) + margin

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from recipe.errors import IncompatibleError, RecipeError
-from recipe.retrieval.encoders import EncoderName, body_layers, load_body
+from recipe.retrieval.encoders import EncoderName, load_body, mean_pool, train_top_layers
 
 VERIFIER_WEIGHTS, VERIFIER_META, VERIFIER_FORMAT = "verifier.safetensors", "verifier.json", "recipe-verifier"
 
@@ -57,12 +57,7 @@ class EditVerifier(nn.Module):
             torch.manual_seed(seed)
             self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, arch.head_hidden), nn.GELU(),
                                       nn.Linear(arch.head_hidden, 1))
-        name, layers = body_layers(self.body)
-        n_train = max(0, min(arch.train_body_layers, len(layers)))
-        self.trained_prefixes = tuple(f"body.{name}.{i}." for i in range(len(layers) - n_train, len(layers)))
-        self.body.requires_grad_(False)
-        for layer in list(layers)[len(layers) - n_train:]:
-            layer.requires_grad_(True)
+        self.trained_prefixes = train_top_layers(self.body, arch.train_body_layers)
 
     @property
     def device(self) -> torch.device:
@@ -76,9 +71,7 @@ class EditVerifier(nn.Module):
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, T)
         extra = {"token_type_ids": batch["token_type_ids"].to(self.device)} if "token_type_ids" in batch else {}
         hidden = self.body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state.float()  # (B, T, d)
-        m = mask[..., None].to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
-        return self.head(pooled)[:, 0]  # (B,)
+        return self.head(mean_pool(hidden, mask))[:, 0]  # (B,)
 
     @torch.no_grad()
     def probability(self, queries: Sequence[str], statements: Sequence[str], batch_size: int = 64) -> Tensor:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch  # noqa: E402
 
 from recipe.data import load_dataset  # noqa: E402
-from recipe.retrieval.encoders import load_body  # noqa: E402
+from recipe.retrieval.encoders import load_body, mean_pool  # noqa: E402
 
 
 def pairs(names, cap):
@@ -40,8 +40,7 @@ def features(body, tok, queries, statements):
         out = []
         for i in range(0, len(texts), 128):
             b = tok(texts[i:i + 128], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h, m = body(**b).last_hidden_state, b["attention_mask"][..., None].float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+            out.append(torch.nn.functional.normalize(mean_pool(body(**b).last_hidden_state, b["attention_mask"]), dim=-1))
         return torch.cat(out)
     u, v = embed(queries), embed(statements)
     return torch.cat([u, v, (u - v).abs(), u * v], 1)
