@@ -12,6 +12,8 @@ Measures, on the first ``--edits`` zsRE edits of the seed-0 shuffle (the same or
   prompts (RECIPE retrieves a prefix), half unrelated prompts (the sentinel should reject them);
 - for editors that leave the weights alone (RECIPE), the unedited model is the same object with no
   prefixes, so both are timed alternately in one loop: the ratio is not confounded by machine load;
+  RECIPE is timed twice, with its prefixes' keys/values cached from earlier calls (``generate_ratio``)
+  and with the cache emptied before every call (``generate_ratio_cold``: each prefix's first use);
 - resident memory after loading and its peak (VmHWM) at the end: editing + inference overhead.
 """
 from __future__ import annotations
@@ -48,20 +50,29 @@ def _p(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def _gen_timings(lm, prompts: list[str], new_tokens: int, reps: int, prefixes="auto") -> dict:
-    """Seconds per generate() call at batch 1 (per prompt) and batch 16 (per batch of 16 prompts)."""
+def _gen_timings(lm, prompts: list[str], new_tokens: int, reps: int, prefixes="auto", cold: bool = False) -> dict:
+    """Seconds per generate() call at batch 1 (per prompt) and batch 16 (per batch of 16 prompts).
+
+    ``cold``: the prefix key/value cache is emptied before every call, so each retrieved prefix is
+    computed again (a prefix's first use); otherwise prefixes seen before come from the cache.
+    """
     from recipe.lm import AUTO
 
     pre = AUTO if prefixes == "auto" else None  # the editor's prefixes, or none (the unedited model)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
+    def call(batch):
+        if cold:
+            lm.prefix_cache.clear()
+        lm.generate(batch, prefixes=pre, **kw)
+
     def batch1():
         for p in prompts:
-            lm.generate([p], prefixes=pre, **kw)
+            call([p])
 
     def batch16():
         for s in range(0, len(prompts), 16):
-            lm.generate(prompts[s:s + 16], prefixes=pre, **kw)
+            call(prompts[s:s + 16])
 
     b1, b16 = _timed(batch1, reps), _timed(batch16, reps)
     return {"batch1_s_per_prompt": [t / len(prompts) for t in b1],
@@ -108,11 +119,11 @@ def measure(args) -> dict:
         edited_gen = _gen_timings(lm, gen_prompts, args.new_tokens, args.reps)
         interleaved = None
         if args.editor in ("recipe", "none"):  # weights untouched: the unedited model = no prefixes
-            interleaved = {"base": {"batch1_s_per_prompt": [], "batch16_s_per_batch": []},
-                           "edited": {"batch1_s_per_prompt": [], "batch16_s_per_batch": []}}
+            sides = (("base", None, False), ("edited", "auto", False), ("edited_cold", "auto", True))
+            interleaved = {name: {"batch1_s_per_prompt": [], "batch16_s_per_batch": []} for name, _, _ in sides}
             for _ in range(args.reps):
-                for name, pre in (("base", None), ("edited", "auto")):
-                    t = _gen_timings(lm, gen_prompts, args.new_tokens, 1, prefixes=pre)
+                for name, pre, cold in sides:
+                    t = _gen_timings(lm, gen_prompts, args.new_tokens, 1, prefixes=pre, cold=cold)
                     for k, v in t.items():
                         interleaved[name][k] += v
         retrieved = None
@@ -138,6 +149,8 @@ def measure(args) -> dict:
         result["generate_interleaved"] = {name: {k: med(v) for k, v in d.items()} for name, d in interleaved.items()}
     src = result.get("generate_interleaved", {"base": result["generate_unedited"], "edited": result["generate_edited"]})
     result["generate_ratio"] = {k: src["edited"][k] / src["base"][k] for k in src["base"]}
+    if "edited_cold" in src:  # every prefix computed afresh (first use), beside the cached ones above
+        result["generate_ratio_cold"] = {k: src["edited_cold"][k] / src["base"][k] for k in src["base"]}
     return result
 
 
@@ -146,12 +159,14 @@ def report(out: Path) -> str:
     if not rows:
         raise SystemExit(f"no results in {out}")
     lines = ["| editor | edits | edit ms median | edit ms p95 | score ms/query | generate b1 s/prompt | "
-             "generate b16 s/batch | generate ratio b1 / b16 | RSS loaded → peak MB |", "|" + "---|" * 9]
+             "generate b16 s/batch | generate ratio b1 / b16 | cold-prefix ratio b1 / b16 | RSS loaded → peak MB |",
+             "|" + "---|" * 10]
     for r in rows:
-        g, ratio = r["generate_edited"], r["generate_ratio"]
+        g, ratio, cold = r["generate_edited"], r["generate_ratio"], r.get("generate_ratio_cold")
+        cold_cell = f"{cold['batch1_s_per_prompt']:.3f} / {cold['batch16_s_per_batch']:.3f}" if cold else "n/a"
         lines.append(f"| {r['editor']} | {r['edits']} | {r['edit_ms_median']:.1f} | {r['edit_ms_p95']:.1f} | "
                      f"{r['score_ms_per_query']:.1f} | {g['batch1_s_per_prompt']:.3f} | {g['batch16_s_per_batch']:.3f} | "
-                     f"{ratio['batch1_s_per_prompt']:.3f} / {ratio['batch16_s_per_batch']:.3f} | "
+                     f"{ratio['batch1_s_per_prompt']:.3f} / {ratio['batch16_s_per_batch']:.3f} | {cold_cell} | "
                      f"{r['rss_loaded_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")

@@ -5,6 +5,9 @@ Every input is laid out left-padded as ``[pad ; prefix_i ; prompt_i ; target_i]`
 last-token logits drift otherwise). Left padding puts every target at the end of the row, so the
 logits that predict target token ``j`` of row ``i`` sit at ``T - len_i + j - 1`` for all rows.
 
+``generate()`` feeds prefixes as cached attention keys/values instead (``recipe.prefix_cache``): same
+tokens, but the prefill covers only the prompts and a prefix retrieved again is not recomputed.
+
 With no prefixes the output equals the base model's own ``generate`` (a test shows it). RECIPE plugs
 in through ``prefix_provider``: a callable that maps the prompt texts (the question only, never
 teacher-forced answer tokens) to one ``(l, H)`` tensor or ``None`` per prompt.
@@ -41,15 +44,18 @@ class TargetScore:
 class EditedLM(nn.Module):
     """A HF causal LM + tokenizer, with an optional per-prompt prefix of continuous embeddings."""
 
-    def __init__(self, model: nn.Module, tokenizer, spec=None, *, max_batch: int = 16):
+    def __init__(self, model: nn.Module, tokenizer, spec=None, *, max_batch: int = 16,
+                 prefix_cache_mb: float = 256.0):
         super().__init__()
         from recipe.models import ModelSpec
+        from recipe.prefix_cache import PrefixKVCache
 
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec if spec is not None else ModelSpec(name=getattr(model, "name_or_path", "model"))
         self.max_batch = max_batch  # rows per forward pass in score()/generate()
         self.prefix_provider: PrefixProvider | None = None
+        self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -199,8 +205,25 @@ class EditedLM(nn.Module):
         texts: list[str] = []
         for s in range(0, len(prompts), self.max_batch):
             sl = slice(s, s + self.max_batch)
-            embeds, mask, _ = self.embed(prompts[sl], prefs[sl], extra_tokens=max_new_tokens)
-            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                      max_new_tokens=max_new_tokens, **generate_kwargs)
+            out = self._generate_batch(prompts[sl], prefs[sl], max_new_tokens, generate_kwargs)
             texts.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
         return texts
+
+    def _generate_batch(self, prompts: Sequence[str], prefs: list[Tensor | None], max_new_tokens: int,
+                        generate_kwargs: dict) -> Tensor:
+        """New token ids (B, n) of one batch; prefixes enter as cached keys/values (``recipe.prefix_cache``)."""
+        from recipe.prefix_cache import batch_cache
+
+        if all(p is None for p in prefs):
+            embeds, mask, _ = self.embed(prompts, None, extra_tokens=max_new_tokens)
+            return self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       **generate_kwargs)
+        given = [p for p in prefs if p is not None]
+        kv = iter(self.prefix_cache.get(given))
+        cache, prefix_mask = batch_cache(self.model, [next(kv) if p is not None else None for p in prefs])
+        P = prefix_mask.shape[1]
+        embeds, mask, _ = self.embed(prompts, None, extra_tokens=max_new_tokens + P)  # (B, T, H), (B, T)
+        embeds = torch.cat([embeds.new_zeros(len(prompts), P, embeds.shape[2]), embeds], dim=1)  # cached part: unused
+        mask = torch.cat([prefix_mask, mask], dim=1)  # (B, P + T)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+                                   max_new_tokens=max_new_tokens, **generate_kwargs)

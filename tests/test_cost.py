@@ -30,7 +30,8 @@ def test_small_cost_run_writes_json_table_and_plot(tmp_path, data_dir, editor, b
     # 3 edit prompts + 3 unrelated; RECIPE retrieves a prefix for the edit prompts and (ideally) not the others
     assert r["generate_prompts"]["edit_prompts"] == 3 and r["generate_prompts"]["unrelated"] == 3
     if editor == "recipe":
-        assert "generate_interleaved" in r and 3 <= r["generate_prompts"]["retrieved_prefix"] <= 6
+        assert set(r["generate_interleaved"]) == {"base", "edited", "edited_cold"}
+        assert 3 <= r["generate_prompts"]["retrieved_prefix"] <= 6 and min(r["generate_ratio_cold"].values()) > 0
     assert bench.main(["--report", "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
     assert f"| {editor} | 3 |" in table and (out / "cost.png").stat().st_size > 0

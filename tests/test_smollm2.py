@@ -32,6 +32,20 @@ def test_facts_of_the_loaded_model(lm):
     assert len(lm.target_ids("Essex")) == 1
 
 
+def test_cached_statement_prefix_generates_what_the_inline_layout_generates(lm):
+    """A RECIPE-like prefix (the statement's own token embeddings): cached keys/values = inline layout."""
+    emb = lm.model.get_input_embeddings()
+    statement = emb(torch.tensor(lm.tokenizer("The mother tongue of Danielle Darrieux is English.\n").input_ids))
+    prefixes = [None, statement.detach(), None]
+    embeds, mask, _ = lm.embed(PROMPTS, prefixes, extra_tokens=8)
+    with torch.no_grad():
+        out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    want = lm.tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert lm.generate(PROMPTS, max_new_tokens=8, prefixes=prefixes) == want
+    assert want[1] != lm.generate(PROMPTS[1:2], max_new_tokens=8)[0]  # the prefix changed the answer
+
+
 def test_generate_matches_hf_generate(lm):
     tok = lm.tokenizer
     want = []
