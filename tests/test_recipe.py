@@ -219,3 +219,28 @@ def test_prompt_encoder_starts_near_the_init_text_and_gives_finite_gradients():
     grads = [p.grad for m in used for p in m.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert networks.prompt_encoder.base.grad.abs().sum() > 0
+
+
+def test_subject_gate_uses_only_edits_whose_subject_the_query_names(tiny, tmp_path):
+    base = outputs(tiny)
+    editor = make(tiny, subject_gate=True, **ACCEPT_ALL)  # one entry: it is every query's top-1
+    editor.edit([EditRequest("The capital of France is", "Rome", subject="France")])
+    editor._provide(["What is the capital of FRANCE?", "The capital of Spain is"])
+    assert [(r.edit_id, r.subject_in_query) for r in editor.last_retrieval] == [(0, True), (None, False)]
+    editor.rollback()
+    assert editor._subjects == {} and outputs(tiny) == base
+    editor.edit([EditRequest("The Amazon river flows through", "Italy")])  # no subject: the gate cannot apply
+    editor._provide(["The capital of Spain is"])
+    assert [(r.edit_id, r.subject_in_query) for r in editor.last_retrieval] == [(0, None)]
+    editor.edit([EditRequest("Hey Jude was performed by", "Madonna", subject="Hey Jude")])
+    editor.save(tmp_path / "repo")  # subjects survive save/load and state_dict round trips
+    loaded = make(tiny_lm(), subject_gate=True, **ACCEPT_ALL)
+    loaded.load(tmp_path / "repo")
+    again = make(tiny_lm(), subject_gate=True, **ACCEPT_ALL)
+    again.load_state_dict(editor.state_dict())
+    assert loaded._subjects == again._subjects == editor._subjects == {1: "Hey Jude"}
+
+
+def test_subject_gate_bypass_needs_a_verifier(tiny):
+    with pytest.raises(RecipeError, match="subject_gate_bypass"):
+        make(tiny, subject_gate=True, subject_gate_bypass=0.9)

@@ -110,3 +110,18 @@ def test_sentinel_margin_shifts_acceptance(tiny):
     loose.edit(REQUESTS)
     tiny.generate(PROMPTS, max_new_tokens=2)
     assert all(r.edit_id is not None for r in loose.last_retrieval)  # s > 1e9 - 2e9 always
+
+
+def test_subject_gate_bypass_lets_a_sure_verifier_pass_a_subject_less_match(tiny, tmp_path):
+    save_verifier(EditVerifier(TINY), tmp_path / "v")
+    requests = [EditRequest("The capital of France is", "Rome", subject="France")]
+    for bypass, used in ((-1.0, True), (1.0, False)):  # p > -1 always; p > 1 never
+        editor = load_editor("recipe", tiny, {"architecture": ARCH, "sentinel_mode": "fixed", "threshold": -1.0e9,
+                                              "verifier": str(tmp_path / "v"), "verifier_threshold": -1.0,
+                                              "subject_gate": True, "subject_gate_bypass": bypass})
+        editor.edit(requests)
+        editor._provide(["The capital of Spain is", "The capital of France is"])
+        first, second = editor.last_retrieval
+        assert (first.edit_id is not None, first.subject_in_query) == (used, False)
+        assert second.edit_id is not None and second.subject_in_query is True
+        editor.rollback()

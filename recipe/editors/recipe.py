@@ -61,6 +61,8 @@ class RecipeConfig(EditorConfig):
     sentinel_margin: float = 0.0  # accept only when s(q, k) > s(q, r_s) + margin (< 0: looser, e.g. with a verifier)
     verifier: str | None = None  # EditVerifier artefact (train.verifier) checking accepted entries; None: sentinel alone
     verifier_threshold: float | None = None  # use the entry when the verifier's p > this; None: the artefact's
+    subject_gate: bool = False  # use an entry only when its edit's subject occurs in the query (case-insensitive)
+    subject_gate_bypass: float | None = None  # with a verifier: a subject-less match still passes when p > this
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
@@ -81,6 +83,7 @@ class Retrieval:
     score: float  # s(q, k) of the top-1 entry (-inf when the repository is empty)
     threshold: float  # s(q, r_s)
     verified: float = math.nan  # the verifier's p(top-1 entry bears on the query); nan: not asked
+    subject_in_query: bool | None = None  # the top-1 edit's subject occurs in the query; None: not checked
 
 
 class RecipeNetworks(nn.Module):
@@ -228,6 +231,8 @@ class RecipeEditor(Editor):
         self.separator = separator if cfg.statement_separator is None else cfg.statement_separator
         self.networks.eval().requires_grad_(False)
         self.verifier, self.verifier_threshold = None, None
+        if cfg.subject_gate_bypass is not None and (cfg.verifier is None or not cfg.subject_gate):
+            raise RecipeError("subject_gate_bypass needs subject_gate: true and a verifier")
         if cfg.verifier is not None:
             self.verifier, vmeta = load_verifier(self._checkpoint_path(cfg.verifier), lm.device)
             self.verifier_threshold = float(vmeta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
@@ -240,6 +245,7 @@ class RecipeEditor(Editor):
         self._statements: dict[EditId, str] = {}  # id -> statement, insertion order
         self._by_statement: dict[str, EditId] = {}
         self._token_ids: dict[EditId, list[int]] = {}  # id -> statement tokens ("vectors+statement")
+        self._subjects: dict[EditId, str] = {}  # id -> the edit's subject, where the request named one
         self.last_retrieval: list[Retrieval] = []
 
     @staticmethod
@@ -275,14 +281,16 @@ class RecipeEditor(Editor):
         self.repository.add(keys, vectors, ids=ids)
         if replaced:
             self.remove(replaced)
-        for i, s, t in zip(ids, statements, token_ids):
-            self._remember(i, s, t)
+        for i, s, t, r in zip(ids, statements, token_ids, requests):
+            self._remember(i, s, t, r.subject)
         self.lm.prefix_provider = self._provide
 
-    def _remember(self, edit_id: EditId, statement: str, token_ids: list[int] | None) -> None:
+    def _remember(self, edit_id: EditId, statement: str, token_ids: list[int] | None, subject: str | None) -> None:
         self._statements[edit_id], self._by_statement[statement] = statement, edit_id
         if token_ids is not None:
             self._token_ids[edit_id] = token_ids
+        if subject is not None:
+            self._subjects[edit_id] = subject
 
     @torch.no_grad()
     def _encode_statements(self, statements: list[str]) -> tuple[Tensor, Tensor]:
@@ -320,6 +328,7 @@ class RecipeEditor(Editor):
         for i in set(ids):
             del self._by_statement[self._statements.pop(i)]
             self._token_ids.pop(i, None)
+            self._subjects.pop(i, None)
 
     def rollback(self) -> None:
         if self.lm.prefix_provider == self._provide:
@@ -328,6 +337,7 @@ class RecipeEditor(Editor):
         self._statements.clear()
         self._by_statement.clear()
         self._token_ids.clear()
+        self._subjects.clear()
         self.last_retrieval = []
         self._next_id = 0
 
@@ -358,9 +368,17 @@ class RecipeEditor(Editor):
                                                  thresholds.tolist(), verified):
                 if ok and self.verifier is not None:
                     ok = v > self.verifier_threshold  # the verifier's veto
-                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th, v))
+                named = self._subject_in(p, edit_id) if ok and self.config.subject_gate else None
+                if named is False:  # the gate: a match on another entity's edit, unless the verifier is sure
+                    ok = self.config.subject_gate_bypass is not None and v > self.config.subject_gate_bypass
+                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th, v, named))
                 out.append(self._prefix(edit_id) if ok else None)
         return out
+
+    def _subject_in(self, query: str, edit_id: EditId) -> bool | None:
+        """Whether the edit's subject occurs in the query (case-insensitive); None: the edit named no subject."""
+        subject = self._subjects.get(edit_id)
+        return None if subject is None else subject.casefold() in query.casefold()
 
     def _verify(self, queries: list[str], edit_ids: list[int], accept: list[bool]) -> list[float]:
         """The verifier's p for each sentinel-accepted (query, top-1 statement) pair; nan elsewhere."""
@@ -385,7 +403,7 @@ class RecipeEditor(Editor):
                 raise IncompatibleError(f"{where} was made with {key}={info.get(key)!r}; this editor has {want!r}")
 
     def _restore(self, info: dict, ids: list[int], statements: list[str], keys, prompts, next_id: int,
-                 repository: KnowledgeRepository | None = None) -> None:
+                 repository: KnowledgeRepository | None = None, subjects: list[str | None] | None = None) -> None:
         self._check_info(info, "the saved RECIPE state")
         if len(ids) != len(statements):
             raise RecipeError(f"saved state has {len(ids)} ids but {len(statements)} statements")
@@ -394,16 +412,17 @@ class RecipeEditor(Editor):
             repository = self._new_repository()
             repository.add(keys, prompts, ids=ids)
         self.repository = repository
-        for i, s in zip(ids, statements):
+        subjects = subjects if subjects is not None else [None] * len(ids)  # saves from before subjects were kept
+        for i, s, subject in zip(ids, statements, subjects):
             self._remember(i, s, statement_token_ids(self.lm, s, self.separator) if self.config.prefix_mode == "vectors+statement"
-                           else None)
+                           else None, subject)
         self._next_id = int(next_id)
         self.lm.prefix_provider = self._provide
 
     def state_dict(self) -> dict:
         ids = self.repository.ids()
         return {**super().state_dict(), "info": dict(self.info), "ids": ids,
-                "statements": [self._statements[i] for i in ids],
+                "statements": [self._statements[i] for i in ids], "subjects": [self._subjects.get(i) for i in ids],
                 "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -412,13 +431,14 @@ class RecipeEditor(Editor):
         self._check_info(state.get("info", {}), "the saved RECIPE state")
         super().load_state_dict(state)
         self._restore(state["info"], list(state["ids"]), list(state["statements"]), state["keys"],
-                      state["prompts"], state["next_id"])
+                      state["prompts"], state["next_id"], subjects=state.get("subjects"))
 
     def save(self, directory: str | Path) -> Path:
         """Write the repository (keys, prompts, statements, next id) crash-safely to ``directory``."""
         ids = self.repository.ids()
         self.repository.info = {**self.info, "entries": {"next_id": self._next_id, "ids": ids,
-                                                         "statements": [self._statements[i] for i in ids]}}
+                                                         "statements": [self._statements[i] for i in ids],
+                                                         "subjects": [self._subjects.get(i) for i in ids]}}
         try:
             return self.repository.save(directory)
         finally:
@@ -434,7 +454,8 @@ class RecipeEditor(Editor):
             raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
         if saved.prompt_dtype == self.config.prompt_dtype:  # adopt it: no second copy, a saved IVF kept as is
             saved.info = dict(self.info)
-            self._restore(info, entries["ids"], entries["statements"], None, None, entries["next_id"], repository=saved)
+            self._restore(info, entries["ids"], entries["statements"], None, None, entries["next_id"], repository=saved,
+                          subjects=entries.get("subjects"))
         else:
             self._restore(info, entries["ids"], entries["statements"], saved.keys(), saved.get_prompts(saved.ids()),
-                          entries["next_id"])
+                          entries["next_id"], subjects=entries.get("subjects"))
