@@ -5,8 +5,10 @@ Every input is laid out left-padded as ``[pad ; prefix_i ; prompt_i ; target_i]`
 last-token logits drift otherwise). Left padding puts every target at the end of the row, so the
 logits that predict target token ``j`` of row ``i`` sit at ``T - len_i + j - 1`` for all rows.
 
-``generate()`` feeds prefixes as cached attention keys/values instead (``recipe.prefix_cache``): same
-tokens, but the prefill covers only the prompts and a prefix retrieved again is not recomputed.
+``generate()`` and ``score()`` feed prefixes as cached attention keys/values instead
+(``recipe.prefix_cache``): same results, but only the prompts (and targets) are run through the
+model, and a prefix retrieved again is not recomputed. ``target_logprobs`` (differentiable, used
+in training) keeps the inline layout.
 
 With no prefixes the output equals the base model's own ``generate`` (a test shows it). RECIPE plugs
 in through ``prefix_provider``: a callable that maps the prompt texts (the question only, never
@@ -168,7 +170,12 @@ class EditedLM(nn.Module):
         embeds, mask, pos = self.embed(prompts, prefixes, targets)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                          logits_to_keep=L + 1, use_cache=False)
-        logits = out.logits[:, :-1].float()  # (B, L, V): position j predicts target slot j
+        return self._gold(out.logits, t_ids)
+
+    def _gold(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``target_logprobs``'s outputs from the last ``L + 1`` positions' logits (B, L + 1, V)."""
+        L = max(len(t) for t in t_ids)
+        logits = logits[:, -L - 1:-1].float()  # (B, L, V): position j predicts target slot j
         labels = torch.full((len(t_ids), L), self.tokenizer.pad_token_id, device=self.device)
         tmask = torch.zeros(len(t_ids), L, device=self.device)
         for i, t in enumerate(t_ids):
@@ -177,6 +184,24 @@ class EditedLM(nn.Module):
         logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # (B, L)
         return logp, logits.argmax(-1), labels, tmask
 
+    def _cached_target_logprobs(self, prompts: Sequence[str], targets: Sequence[str], prefs: list[Tensor | None]
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``target_logprobs`` (no gradient) with the prefixes as cached keys/values, as in ``generate()``."""
+        from recipe.prefix_cache import batch_cache
+
+        if all(p is None for p in prefs):
+            return self.target_logprobs(prompts, targets, prefs)
+        kv = iter(self.prefix_cache.get([p for p in prefs if p is not None]))
+        cache, prefix_mask = batch_cache(self.model, [next(kv) if p is not None else None for p in prefs])
+        P = prefix_mask.shape[1]
+        t_ids = [self.target_ids(t) for t in targets]
+        embeds, mask, _ = self.embed(prompts, None, targets, extra_tokens=P)  # (B, T, H), (B, T)
+        mask = torch.cat([prefix_mask, mask], dim=1)  # (B, P + T)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # positions continue after each row's prefix
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         logits_to_keep=max(len(t) for t in t_ids) + 1)
+        return self._gold(out.logits, t_ids)
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO) -> list[TargetScore]:
         """Teacher-forced scores of each target after its prompt, in batches of ``max_batch``."""
@@ -184,7 +209,7 @@ class EditedLM(nn.Module):
         result: list[TargetScore] = []
         for s in range(0, len(prompts), self.max_batch):
             sl = slice(s, s + self.max_batch)
-            logp, pred, labels, tmask = self.target_logprobs(prompts[sl], targets[sl], prefs[sl])
+            logp, pred, labels, tmask = self._cached_target_logprobs(prompts[sl], targets[sl], prefs[sl])
             for i in range(logp.shape[0]):
                 keep = tmask[i].bool()
                 result.append(TargetScore(tuple(labels[i, keep].tolist()), tuple(pred[i, keep].tolist()),

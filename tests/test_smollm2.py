@@ -44,6 +44,11 @@ def test_cached_statement_prefix_generates_what_the_inline_layout_generates(lm):
     want = lm.tokenizer.batch_decode(out, skip_special_tokens=True)
     assert lm.generate(PROMPTS, max_new_tokens=8, prefixes=prefixes) == want
     assert want[1] != lm.generate(PROMPTS[1:2], max_new_tokens=8)[0]  # the prefix changed the answer
+    targets = ["Paris", "English", "Noctuidae"]
+    inline = lm.target_logprobs(PROMPTS, targets, prefixes)[0]  # the inline layout, as in training
+    cached = lm.score(PROMPTS, targets, prefixes=prefixes)
+    for row, got in zip(inline, cached):
+        assert torch.allclose(torch.tensor(got.logprobs), row[-len(got.logprobs):], atol=1e-4)
 
 
 def test_generate_matches_hf_generate(lm):
