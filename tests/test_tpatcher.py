@@ -1,4 +1,4 @@
-"""T-Patcher (one neuron per edit) on the tiny random Llama; plus FT-M's fixed-bound config."""
+"""T-Patcher (one neuron per target token, or the paper's single neuron) on the tiny random Llama; plus FT-M's fixed-bound config."""
 import pytest
 import torch
 
@@ -50,9 +50,10 @@ def test_patch_writes_the_target_and_stays_off_on_memory():
     assert isinstance(wrapper, PatchedMLP) and list(wrapper.patches) == [edit_id]
     patch = wrapper.patches[edit_id]
     memory = _mlp_inputs(lm, wrapper, list(NEUTRAL_SENTENCES))  # (M, d_in)
-    assert (memory @ patch.key + patch.bias).max() <= 0  # the neuron is off on every memory token
+    assert patch.key.shape[0] == len(lm.target_ids(FRANCE.target_new))  # one neuron per target token
+    assert (memory @ patch.key.T + patch.bias).max() <= 0  # the neurons are off on every memory token
     edit_input = _mlp_inputs(lm, wrapper, [FRANCE.prompt])[-1]  # the prompt's last token
-    assert edit_input @ patch.key + patch.bias > 0  # ... and fires on the edit
+    assert (edit_input @ patch.key.T + patch.bias)[0] > 0  # ... and the first fires on the edit
 
 
 def test_earlier_edit_prompts_join_the_memory():
@@ -62,7 +63,7 @@ def test_earlier_edit_prompts_join_the_memory():
     wrapper = lm.model.model.layers[3].mlp
     assert list(wrapper.patches) == [first, second] and editor.memory_prompts == [FRANCE.prompt, JUDE.prompt]
     earlier = _mlp_inputs(lm, wrapper, [FRANCE.prompt])
-    assert (earlier @ wrapper.patches[second].key + wrapper.patches[second].bias).max() <= 0
+    assert (earlier @ wrapper.patches[second].key.T + wrapper.patches[second].bias).max() <= 0
 
 
 def test_remove_undoes_single_patches():
@@ -112,6 +113,33 @@ def test_state_dict_round_trip_on_a_fresh_model():
     assert editor_b.memory_prompts == editor_a.memory_prompts
     editor_a.remove([ids[0]])
     editor_b.remove([ids[0]])  # single patches stay removable after a reload
+    assert torch.equal(_logits(lm_a), _logits(lm_b))
+
+
+def test_one_neuron_per_target_token_writes_a_multi_token_target():
+    request = EditRequest("The capital of France is", "Rome Madonna Italy")
+    accuracy = {}
+    for neurons in ("one", "per_target_token"):
+        lm = tiny_lm()
+        editor = load_editor("tpatcher", lm, {**FAST, "steps": 60, "neurons": neurons})
+        (edit_id,) = editor.edit([request])
+        n_t = len(lm.target_ids(request.target_new))
+        assert n_t > 1 and editor.wrappers[3].patches[edit_id].key.shape == (1 if neurons == "one" else n_t,
+                                                                               lm.hidden_size)
+        accuracy[neurons] = lm.score([request.prompt], [request.target_new])[0].accuracy
+    # the paper's single neuron adds one vector at every position: it cannot spell out 9 different tokens
+    assert accuracy["per_target_token"] == 1.0 > accuracy["one"]
+
+
+def test_single_neuron_state_from_before_loads():
+    lm_a, lm_b = tiny_lm(), tiny_lm()
+    editor_a = load_editor("tpatcher", lm_a, {**FAST, "neurons": "one"})
+    editor_a.edit([FRANCE])
+    state = editor_a.state_dict()
+    for p in state["patches"]:  # the format before patches had several neurons: (d_in,), (), (d_out,)
+        p["key"], p["bias"], p["value"] = p["key"][0], p["bias"][0], p["value"][0]
+    editor_b = load_editor("tpatcher", lm_b, FAST)
+    editor_b.load_state_dict(state)
     assert torch.equal(_logits(lm_a), _logits(lm_b))
 
 

@@ -1,9 +1,15 @@
-"""T-Patcher: one new FFN neuron per edit (Huang et al. 2023, "Transformer-Patcher: One Mistake worth One Neuron").
+"""T-Patcher: new FFN neurons per edit (Huang et al. 2023, "Transformer-Patcher: One Mistake worth One Neuron").
 
-Each edit adds a patch ``(k, b, v)``, k ∈ R^{d_in}, b ∈ R, v ∈ R^{d_out}, to the MLP of one layer
-(default: the last layer, as in the paper), so that the MLP computes
+Each edit adds a patch of n neurons ``(K, b, V)``, K ∈ R^{n×d_in}, b ∈ R^n, V ∈ R^{n×d_out}, to the
+MLP of one layer (default: the last layer, as in the paper), so that the MLP computes
 
-    mlp'(x) = mlp(x) + Σ_p v_p · relu(k_p · x + b_p)          (x: the MLP input, after the layer norm)
+    mlp'(x) = mlp(x) + Σ_p relu(x K_pᵀ + b_p) V_p          (x: the MLP input, after the layer norm)
+
+``neurons: one`` is the paper's single neuron, trained to fire at every position that predicts a
+target token; it adds the same vector at each, so it can write a one-token answer but rarely a
+multi-token one (measured: 14 of 16 multi-token zsRE targets missed). ``neurons: per_target_token``
+(the default) gives the patch one neuron per target token: neuron j is keyed to the position that
+predicts token j and must stay off at the edit's other target positions, as on memory tokens.
 
 Llama/Gemma MLPs are gated (``down(act(gate x) * up x)``), so a neuron cannot be appended to their
 hidden layer with the MLP's own activation alone; the patch is an extra ReLU term on the MLP output,
@@ -20,7 +26,9 @@ Training one patch (T-Patcher §3.2, eq. 8), every earlier patch frozen:
 
 The memory texts are a few fixed neutral sentences (``memory_sentences``) plus the prompts of earlier
 edits; texts that start with the edit's prompt are left out (their hidden states equal the edit's).
-The key starts at ``x_e / ‖x_e‖²`` (so ``a_e = 1`` at the prompt's last token), b and v at 0.
+A neuron's key starts at ``x / ‖x‖²`` for its position's input x (so it starts at ``a_e = 1`` there; the
+single neuron uses the prompt's last token), b and v at 0. With several neurons, ``a_e`` is each
+neuron at its own position and the other target positions join ``a_m``.
 
 The layer's MLP module is swapped for a :class:`PatchedMLP` that holds the original module; rollback
 puts the original object back. Each edit id is one patch, so ``remove`` undoes single edits.
@@ -29,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +71,13 @@ class TPatcherConfig(EditorConfig):
     memory_topk: int = 1000  # l_m1, l_m2 average their k largest terms
     memory_size: int = 1000  # most recent earlier-edit prompts kept in the memory bank
     memory_sentences: list[str] = field(default_factory=lambda: list(NEUTRAL_SENTENCES))  # fixed unrelated memory texts
-    stop_loss: float = 5.0e-2  # stop once target NLL < this, the neuron fires on the edit and on no memory token
+    stop_loss: float = 5.0e-2  # stop once target NLL < this, the neurons fire on the edit and on no memory token
+    neurons: Literal["one", "per_target_token"] = "per_target_token"  # "one": the paper's single neuron per edit
 
 
 @dataclass
 class Patch:
-    """One neuron: key (d_in,), bias (), value (d_out,)."""
+    """The n neurons of one edit: keys (n, d_in), biases (n,), values (n, d_out)."""
 
     key: Tensor
     bias: Tensor
@@ -98,8 +107,8 @@ class PatchedMLP(nn.Module):
     def _frozen(self) -> tuple[Tensor, Tensor, Tensor] | None:
         if self._stacked is None and self.patches:
             ps = list(self.patches.values())
-            self._stacked = (torch.stack([p.key for p in ps]), torch.stack([p.bias for p in ps]),
-                             torch.stack([p.value for p in ps]))  # (n, d_in), (n,), (n, d_out)
+            self._stacked = (torch.cat([p.key for p in ps]), torch.cat([p.bias for p in ps]),
+                             torch.cat([p.value for p in ps]))  # (N, d_in), (N,), (N, d_out) over all patches
         return self._stacked
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,7 +124,7 @@ class PatchedMLP(nn.Module):
 
     def _training(self) -> tuple[Tensor, Tensor, Tensor] | None:
         p = self.training_patch
-        return None if p is None else (p.key[None], p.bias[None], p.value[None])
+        return None if p is None else (p.key, p.bias, p.value)
 
 
 def _topk_mean(x: Tensor, k: int) -> Tensor:
@@ -164,7 +173,7 @@ class TPatcherEditor(Editor):
     # ---- the protocol ------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
         wrapper = self._wrapper(self.layer)
-        for request, edit_id in zip(requests, ids):  # one neuron per request, one after another
+        for request, edit_id in zip(requests, ids):  # one patch per request, one after another
             patch = self._train_patch(wrapper, request)
             wrapper.add(edit_id, patch)
             self.patch_layer[edit_id] = self.layer
@@ -204,11 +213,15 @@ class TPatcherEditor(Editor):
             layer = self.default_layer(int(saved["layer"]))
             wrapper = self._wrapper(layer)
             ref = next(wrapper.mlp.parameters())
-            patch = Patch(*(saved[k].to(ref.device, ref.dtype) for k in ("key", "bias", "value")))
+            key, bias, value = (saved[k].to(ref.device, ref.dtype) for k in ("key", "bias", "value"))
+            if key.dim() == 1:  # saved before patches had several neurons: one
+                key, bias, value = key[None], bias.reshape(1), value[None]
+            patch = Patch(key, bias, value)
             d_in = d_out = self.lm.hidden_size  # the MLP reads and writes the residual stream
-            if patch.key.shape != (d_in,) or patch.value.shape != (d_out,) or patch.bias.shape != ():
-                raise IncompatibleError(f"saved patch {saved['id']} has shapes {tuple(patch.key.shape)}, "
-                                        f"{tuple(patch.value.shape)}; this model needs ({d_in},), ({d_out},)")
+            n = key.shape[0]
+            if key.shape != (n, d_in) or value.shape != (n, d_out) or bias.shape != (n,):
+                raise IncompatibleError(f"saved patch {saved['id']} has shapes {tuple(key.shape)}, "
+                                        f"{tuple(value.shape)}; this model needs (n, {d_in}), (n, {d_out})")
             wrapper.add(int(saved["id"]), patch)
             self.patch_layer[int(saved["id"])] = layer
         self.memory_prompts = list(state.get("memory_prompts", []))
@@ -248,19 +261,19 @@ class TPatcherEditor(Editor):
         cfg = self.config
         memory = self._memory_inputs(wrapper, request.prompt)  # (M, d_in)
         with torch.no_grad():
-            _, x_e = self._edit_forward(wrapper, request)
-        last = x_e[0]  # the prompt's last token
-        patch = Patch(key=(last / last.pow(2).sum()).clone().requires_grad_(True),  # a_e = 1 there
-                      bias=last.new_zeros(()).requires_grad_(True),
-                      value=last.new_zeros(self.lm.hidden_size).requires_grad_(True))
+            _, x_e = self._edit_forward(wrapper, request)  # (n_t, d_in)
+        anchors = x_e if cfg.neurons == "per_target_token" else x_e[:1]  # (n, d_in); [:1]: the prompt's last token
+        n = anchors.shape[0]
+        patch = Patch(key=(anchors / anchors.pow(2).sum(-1, keepdim=True)).clone().requires_grad_(True),  # a_e = 1
+                      bias=anchors.new_zeros(n).requires_grad_(True),
+                      value=anchors.new_zeros(n, self.lm.hidden_size).requires_grad_(True))
         wrapper.training_patch = patch
         opt = torch.optim.Adam([patch.key, patch.bias, patch.value], lr=cfg.lr)
         try:
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 nll, x_e = self._edit_forward(wrapper, request)
-                a_e = x_e @ patch.key + patch.bias  # (n_t,)
-                a_m = memory @ patch.key + patch.bias  # (M,)
+                a_e, a_m = self._activations(patch, x_e, memory)
                 if self._done(nll, a_e, a_m):
                     break
                 loss = nll + cfg.act_weight * torch.exp(cfg.act_margin - a_e).mean()  # l_e + a·l_a
@@ -273,12 +286,21 @@ class TPatcherEditor(Editor):
         finally:
             wrapper.training_patch = None
         done = Patch(*(t.detach().clone() for t in (patch.key, patch.bias, patch.value)))
-        a_m = memory @ done.key + done.bias  # (M,)
-        log.debug("tpatcher: %d steps, nll %.4f", step + 1, nll.item())
+        a_m = memory @ done.key.T + done.bias  # (M, n)
+        log.debug("tpatcher: %d neurons, %d steps, nll %.4f", n, step + 1, nll.item())
         if a_m.numel() and a_m.max().item() >= 0:
             log.warning("tpatcher patch for %r still fires on a memory token (max pre-activation %.3f)",
                         request.prompt, a_m.max().item())
         return done
+
+    def _activations(self, patch: Patch, x_e: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Pre-activations that must fire (a_e) and must stay off (a_m), both flat."""
+        a = x_e @ patch.key.T + patch.bias  # (n_t, n): neuron j at target position i
+        a_m = (memory @ patch.key.T + patch.bias).reshape(-1)  # every neuron on every memory token
+        if a.shape[1] == 1:  # the single neuron fires at every target position
+            return a[:, 0], a_m
+        own = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        return a[own], torch.cat([a_m, a[~own]])  # neuron j on; off at the edit's other target positions
 
     def _done(self, nll: Tensor, a_e: Tensor, a_m: Tensor) -> bool:
         fires_on_memory = a_m.numel() > 0 and a_m.max().item() >= 0
