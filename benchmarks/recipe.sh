@@ -25,6 +25,15 @@ run verifier-counterfact-10k    counterfact --edits 10000 --cases 10000 --score-
 run verifier-ripple             ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set verifier=checkpoints/recipe-verifier
 run verifier-ripple-m2          ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set verifier=checkpoints/recipe-verifier --set sentinel_margin=-2 --set verifier_threshold=0.7
 run verifier-zsre               zsre        --edits 1037 --no-generation --set verifier=checkpoints/recipe-verifier
+M2="--set verifier=checkpoints/recipe-verifier --set sentinel_margin=-2 --set verifier_threshold=0.7"
+run verifier-zsre-m2            zsre        --edits 1037 --no-generation $M2
+run verifier-counterfact-10k-m2 counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace $M2
+# the subject gate (subject_gate: true): an entry is used only when its edit's subject occurs in the query
+run gate-counterfact-10k        counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace --set subject_gate=true
+run gate-zsre                   zsre        --edits 1037 --no-generation --set subject_gate=true
+run gate-ripple                 ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set subject_gate=true
+# RippleEdits with free generation (exact match beside teacher forcing)
+run recipe-ripple-gen           ripple-recent-test --edits 1266 --score-cases 250
 .venv/bin/python benchmarks/retrieval_check.py --dataset zsre --calibrate zsre-train --raw
 .venv/bin/python benchmarks/retrieval_check.py --dataset ripple-recent-test --calibrate ripple-recent-train
 .venv/bin/python benchmarks/retrieval_check.py --dataset ripple-recent-test --verifier checkpoints/recipe-verifier --margins 0
