@@ -32,9 +32,14 @@ def collect(root: Path = ROOT) -> list[dict]:
             continue  # ablations and the superseded v1 RECIPE checkpoint are reported on their own
         if "--config" in argv:  # a non-default config is another line in the table
             editor = f"{editor} ({Path(_arg(argv, '--config')).stem})"
-        if any(a.startswith("verifier=") for a in argv):  # RECIPE + the EditVerifier: its own line
-            sets = [a for a in argv if a.startswith(("sentinel_margin=", "verifier_threshold="))]
-            editor = f"{editor} + verifier" + (f" ({', '.join(sets)})" if sets else "")
+        sets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]  # other settings: their own line
+        shown = [x for x in sets if not x.startswith(("duplicates=", "verifier="))]
+        if any(x.startswith("verifier=") for x in sets):  # RECIPE + the EditVerifier
+            editor = f"{editor} + verifier"
+        if summary.parent.name.startswith("tpatcher-one-"):  # session 3's T-Patcher, before per-token neurons
+            shown.append("neurons=one")
+        if shown:
+            editor = f"{editor} ({', '.join(shown)})"
         for s in json.loads(summary.read_text()):
             rows.append({"editor": editor, "dataset": dataset, "run": f"{summary.parent.parent.name}/{summary.parent.name}",
                          "no_generation": "--no-generation" in argv, **s})
