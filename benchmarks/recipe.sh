@@ -32,6 +32,11 @@ run verifier-counterfact-10k-m2 counterfact --edits 10000 --cases 10000 --score-
 run gate-counterfact-10k        counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace --set subject_gate=true
 run gate-zsre                   zsre        --edits 1037 --no-generation --set subject_gate=true
 run gate-ripple                 ripple-recent-test --edits 1266 --score-cases 250 --no-generation --set subject_gate=true
+# the verifier plus the subject gate, with a bypass for matches the verifier is sure of (p > 0.9)
+VG="--set verifier=checkpoints/recipe-verifier --set subject_gate=true --set subject_gate_bypass=0.9"
+run verifier-gate-ripple        ripple-recent-test --edits 1266 --score-cases 250 --no-generation $VG
+run verifier-gate-zsre          zsre        --edits 1037 --no-generation $VG
+run verifier-gate-counterfact-10k counterfact --edits 10000 --cases 10000 --score-cases 300 --no-generation --set duplicates=replace $VG
 # RippleEdits with free generation (exact match beside teacher forcing)
 run recipe-ripple-gen           ripple-recent-test --edits 1266 --score-cases 250
 .venv/bin/python benchmarks/retrieval_check.py --dataset zsre --calibrate zsre-train --raw
