@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from recipe.errors import RecipeError
+from recipe.prefix_cache import PrefixKVCache
 
 PrefixProvider = Callable[[Sequence[str]], list["Tensor | None"]]
 AUTO = "auto"
@@ -50,14 +51,13 @@ class EditedLM(nn.Module):
                  prefix_cache_mb: float = 256.0):
         super().__init__()
         from recipe.models import ModelSpec
-        from recipe.prefix_cache import PrefixKVCache
 
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec if spec is not None else ModelSpec(name=getattr(model, "name_or_path", "model"))
         self.max_batch = max_batch  # rows per forward pass in score()/generate()
         self.prefix_provider: PrefixProvider | None = None
-        self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate()
+        self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate() and score()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -187,20 +187,23 @@ class EditedLM(nn.Module):
     def _cached_target_logprobs(self, prompts: Sequence[str], targets: Sequence[str], prefs: list[Tensor | None]
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``target_logprobs`` (no gradient) with the prefixes as cached keys/values, as in ``generate()``."""
-        from recipe.prefix_cache import batch_cache
-
         if all(p is None for p in prefs):
             return self.target_logprobs(prompts, targets, prefs)
-        kv = iter(self.prefix_cache.get([p for p in prefs if p is not None]))
-        cache, prefix_mask = batch_cache(self.model, [next(kv) if p is not None else None for p in prefs])
-        P = prefix_mask.shape[1]
         t_ids = [self.target_ids(t) for t in targets]
-        embeds, mask, _ = self.embed(prompts, None, targets, extra_tokens=P)  # (B, T, H), (B, T)
-        mask = torch.cat([prefix_mask, mask], dim=1)  # (B, P + T)
+        cache, embeds, mask = self._cached_inputs(prompts, prefs, targets)
+        P = mask.shape[1] - embeds.shape[1]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # positions continue after each row's prefix
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          logits_to_keep=max(len(t) for t in t_ids) + 1)
         return self._gold(out.logits, t_ids)
+
+    def _cached_inputs(self, prompts: Sequence[str], prefs: list[Tensor | None], targets: Sequence[str] | None = None,
+                       extra_tokens: int = 0):
+        """The prefixes' ``DynamicCache`` (P positions), the left-padded prompt(+target) embeddings
+        (B, T, H) without them, and one mask (B, P + T) over both."""
+        cache, prefix_mask = self.prefix_cache.batch(prefs)
+        embeds, mask, _ = self.embed(prompts, None, targets, extra_tokens=extra_tokens + prefix_mask.shape[1])
+        return cache, embeds, torch.cat([prefix_mask, mask], dim=1)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO) -> list[TargetScore]:
@@ -237,18 +240,12 @@ class EditedLM(nn.Module):
     def _generate_batch(self, prompts: Sequence[str], prefs: list[Tensor | None], max_new_tokens: int,
                         generate_kwargs: dict) -> Tensor:
         """New token ids (B, n) of one batch; prefixes enter as cached keys/values (``recipe.prefix_cache``)."""
-        from recipe.prefix_cache import batch_cache
-
         if all(p is None for p in prefs):
             embeds, mask, _ = self.embed(prompts, None, extra_tokens=max_new_tokens)
             return self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                        **generate_kwargs)
-        given = [p for p in prefs if p is not None]
-        kv = iter(self.prefix_cache.get(given))
-        cache, prefix_mask = batch_cache(self.model, [next(kv) if p is not None else None for p in prefs])
-        P = prefix_mask.shape[1]
-        embeds, mask, _ = self.embed(prompts, None, extra_tokens=max_new_tokens + P)  # (B, T, H), (B, T)
+        cache, embeds, mask = self._cached_inputs(prompts, prefs, extra_tokens=max_new_tokens)
+        P = mask.shape[1] - embeds.shape[1]
         embeds = torch.cat([embeds.new_zeros(len(prompts), P, embeds.shape[2]), embeds], dim=1)  # cached part: unused
-        mask = torch.cat([prefix_mask, mask], dim=1)  # (B, P + T)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
                                    max_new_tokens=max_new_tokens, **generate_kwargs)

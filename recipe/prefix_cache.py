@@ -1,4 +1,4 @@
-"""Attention keys/values of prefixes, computed once and reused by ``EditedLM.generate()``.
+"""Attention keys/values of prefixes, computed once and reused by ``EditedLM.generate()`` and ``score()``.
 
 A prefix comes first in its row, so under causal attention its keys and values do not depend on the
 prompt after it: they can be computed alone (positions ``0..l-1``, as in the inline layout) and handed
@@ -43,21 +43,17 @@ class PrefixKVCache:
             raise ValueError(f"max_mb must be >= 0, got {max_mb}")
         self.model = model
         self.max_bytes = int(max_mb * 2**20)
-        self._entries: OrderedDict[bytes, list[LayerKV]] = OrderedDict()
-        self._sizes: dict[bytes, int] = {}
+        self._entries: OrderedDict[bytes, tuple[list[LayerKV], int]] = OrderedDict()  # key -> (kv, bytes)
+        self.nbytes = 0
         self._weights: int | None = None
         self.hits = self.misses = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._sizes.values())
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
-        self._sizes.clear()
+        self.nbytes = 0
 
     def _check_weights(self) -> None:
         state = hash(tuple((id(p), p._version) for p in self.model.parameters()))
@@ -74,7 +70,7 @@ class PrefixKVCache:
         for k, p in zip(keys, prefixes):
             if k in self._entries:
                 self._entries.move_to_end(k)
-                found[k] = self._entries[k]
+                found[k] = self._entries[k][0]
                 self.hits += 1
             elif k not in missing:
                 missing[k] = p
@@ -85,14 +81,20 @@ class PrefixKVCache:
                 self._store(k, kv)
         return [found[k] for k in keys]
 
+    def batch(self, prefixes: Sequence[Tensor | None]):
+        """A ``DynamicCache`` of one batch's prefixes (None: that row has none) and its mask (B, P)."""
+        kv = iter(self.get([p for p in prefixes if p is not None]))
+        return _batch_cache(self.model, [next(kv) if p is not None else None for p in prefixes])
+
     def _store(self, key: bytes, kv: list[LayerKV]) -> None:
         size = sum(t.numel() * t.element_size() for pair in kv for t in pair)
         if size > self.max_bytes:
             return
-        self._entries[key], self._sizes[key] = kv, size
+        self._entries[key] = (kv, size)
+        self.nbytes += size
         while self.nbytes > self.max_bytes:
-            old, _ = self._entries.popitem(last=False)
-            del self._sizes[old]
+            _, (_, old) = self._entries.popitem(last=False)
+            self.nbytes -= old
 
     @torch.no_grad()
     def _compute(self, prefixes: list[Tensor]) -> list[list[LayerKV]]:
@@ -112,7 +114,7 @@ class PrefixKVCache:
         return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in layers] for i, n in enumerate(lengths)]
 
 
-def batch_cache(model: nn.Module, per_row: Sequence[list[LayerKV] | None]):
+def _batch_cache(model: nn.Module, per_row: Sequence[list[LayerKV] | None]):
     """A ``DynamicCache`` holding each row's prefix keys/values left-padded to P, and its mask (B, P)."""
     from transformers import DynamicCache
 
