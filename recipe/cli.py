@@ -100,7 +100,8 @@ def cmd_eval(args) -> int:
     out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
     result = run_sequential(lm, editor, cases, counts, n_cases=args.cases, seed=args.seed,
                             free_generation=not args.no_generation, out_dir=out, resume=args.resume,
-                            score_cases=args.score_cases)
+                            score_cases=args.score_cases, checkpoint_every=args.checkpoint_every,
+                            save_states=args.save_states)
     summaries = list(result.summaries.values())
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)
@@ -115,6 +116,7 @@ def cmd_eval(args) -> int:
 
 def cmd_general(args) -> int:
     from recipe.data import load_dataset
+    from recipe.editors.state_file import load_state
     from recipe.eval.general import format_general, load_general, run_general
 
     counts = [int(t) for t in args.edits.split(",") if t.strip()]
@@ -123,8 +125,11 @@ def cmd_general(args) -> int:
     cases = load_dataset(args.dataset, args.data_dir)
     lm, editor = _load(args)
     out = Path(args.out or f"runs/general-{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
-    result = run_general(lm, editor, cases, counts, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out)
+    states = [load_state(p) for p in args.editor_state]
+    result = run_general(lm, editor, cases, counts, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out,
+                         states=states)
     (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], "dataset": args.dataset, "n": args.n,
+                                              "editor_states": args.editor_state,
                                               "editor_config": editor.state_dict()["config"]}, indent=1, default=str))
     print(format_general(result))
     print(f"\nresults: {out}/ (general.json, general.txt, general.png)")
@@ -188,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
     ev.add_argument("--score-cases", type=int, help="apply every edit of a round but score only a seeded sample "
                     "of this many of its cases (large sets on a CPU); not with --resume")
+    ev.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="save the editor's state every N edits inside a round, so that --resume continues a "
+                         "round cut short (slow editors: ROME, MEMIT, T-Patcher)")
+    ev.add_argument("--save-states", action="store_true",
+                    help="keep the editor's state after the first T cases as <out>/state-T<T> "
+                         "(for `recipe general --editor-state`)")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("general", help="general ability (MMLU, CSQA, ANLI, SQuAD 2.0, WikiText) before and "
@@ -208,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--data-dir", default=None, help="data folder holding general/, wikitext/ and the dataset "
                                                       "(default: $RECIPE_DATA_DIR)")
     gen.add_argument("--out", default=None, help="output folder (default: runs/general-<editor>-<dataset>-<model>)")
+    gen.add_argument("--editor-state", action="append", default=[], metavar="DIR",
+                     help="a state saved by `recipe eval --save-states` (same dataset and seed): loaded instead "
+                          "of applying its T edits again (repeatable)")
     gen.set_defaults(func=cmd_general)
 
     ls = sub.add_parser("list", help="list models, editors and datasets")

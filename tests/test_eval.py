@@ -9,7 +9,7 @@ from recipe.editors import load_editor
 from recipe.errors import RecipeError
 from recipe.eval.metrics import exact_match
 from recipe.eval.report import format_table, plot_metrics
-from recipe.eval.sequential import run_sequential
+from recipe.eval.sequential import run_sequential, seeded_order
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,57 @@ def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):
                               "peak_rss_mb": a.summaries[8]["peak_rss_mb"]}  # the same sample again
     with pytest.raises(RecipeError, match="score_cases"):
         run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=3, resume=True, out_dir="unused")
+
+
+def test_a_round_cut_short_resumes_from_its_checkpoint(tiny, one_thread, demo_cases, tmp_path):
+    def ft():
+        return load_editor("ft", tiny, steps=5, lr=5.0e-2, norm_constraint=0.0)
+
+    full = run_sequential(tiny, ft(), demo_cases, [4], out_dir=tmp_path / "full", free_generation=False,
+                          progress=False).summaries[4]
+    crashing, calls = ft(), []
+    inner = crashing.edit
+
+    def edit(requests):
+        calls.append(requests)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed while applying the 4th edit
+        return inner(requests)
+
+    crashing.edit = edit
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(tiny, crashing, demo_cases, [4], out_dir=tmp_path / "cut", free_generation=False,
+                       progress=False, checkpoint_every=2)
+    crashing.rollback()
+    assert (tmp_path / "cut" / "T4.round").is_dir()  # state after edits 1-2
+    again, applied = ft(), []
+    inner_again = again.edit
+    again.edit = lambda requests: applied.append(requests) or inner_again(requests)
+    resumed = run_sequential(tiny, again, demo_cases, [4], out_dir=tmp_path / "cut", resume=True,
+                             free_generation=False, progress=False, checkpoint_every=2).summaries[4]
+    assert applied == calls[2:4]  # only edits 3 and 4 were applied again
+    assert resumed["tf"] == pytest.approx(full["tf"], abs=1e-6)
+    assert not (tmp_path / "cut" / "T4.round").exists()  # removed once the round is written
+    with pytest.raises(RecipeError, match="positive"):
+        run_sequential(tiny, ft(), demo_cases, [4], out_dir=tmp_path / "x", checkpoint_every=0, progress=False)
+
+
+def test_saved_state_stands_for_its_edits_in_general(tiny, one_thread, demo_cases, tmp_path):
+    from recipe.editors.state_file import load_state
+    from recipe.eval.general import Choice, run_general
+
+    items = {"csqa": [Choice("The capital of France is?", ("Paris", "Rome", "Oslo"), 0)]}
+    editor = load_editor("ft", tiny, steps=5, lr=5.0e-2, norm_constraint=0.0)
+    run_sequential(tiny, editor, demo_cases, [2], n_cases=4, out_dir=tmp_path, free_generation=False,
+                   progress=False, save_states=True)
+    state = load_state(tmp_path / "state-T2")
+    assert state[1]["case_ids"] == [c.case_id for c in seeded_order(demo_cases, 0)[:2]]
+    applied = run_general(tiny, editor, demo_cases, [2], items, max_tokens=100, progress=False)
+    editor.edit = lambda requests: pytest.fail("the saved state should replace these edits")
+    loaded = run_general(tiny, editor, demo_cases, [2], items, max_tokens=100, progress=False, states=[state])
+    assert loaded["runs"][1]["scores"] == applied["runs"][1]["scores"]
+    assert loaded["runs"][1]["edit_s"] == pytest.approx(sum(state[1]["edit_times"]))
+    with pytest.raises(RecipeError, match="other cases"):
+        run_general(tiny, editor, demo_cases, [2], items, seed=5, max_tokens=100, progress=False, states=[state])
+    with pytest.raises(RecipeError, match="T=2"):
+        run_general(tiny, editor, demo_cases, [3], items, max_tokens=100, progress=False, states=[state])

@@ -326,9 +326,13 @@ def measure(lm: EditedLM, items: dict[str, list], max_tokens: int = 512, progres
 
 def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                 items: dict[str, list], *, seed: int = 0, max_tokens: int = 512,
-                out_dir: str | Path | None = None, progress: bool = True) -> dict:
+                out_dir: str | Path | None = None, progress: bool = True,
+                states: Sequence[tuple[dict, dict]] = ()) -> dict:
     """Measure the unedited model, then after the first T cases of ``seeded_order(cases, seed)`` for
     each T, applied one case at a time; rolls back at the end (also on error).
+
+    ``states``: ``(state, meta)`` pairs from ``load_state`` (``recipe eval --save-states``); a state
+    made after the same first T cases is loaded instead of applying them again (its edit times count).
 
     Edits accumulate: T=1000 continues from the model measured at T=100 (the same state as applying
     the first 1000 cases afresh, without applying the first 100 twice). Writes ``general.json``,
@@ -342,10 +346,17 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
     order = seeded_order(cases, seed)[:counts[-1]]
     result = {"editor": editor.name, "model": lm.spec.name, "seed": seed, "max_tokens": max_tokens,
               "items": {name: len(its) for name, its in items.items()}, "runs": []}
+    saved = _states_by_T(states, order, seed, counts)
     edit_s = 0.0
     try:
         for T in [0] + counts:
             done = result["runs"][-1]["T"] if result["runs"] else 0
+            if T in saved:
+                state, meta = saved[T]
+                editor.rollback()
+                editor.load_state_dict(state)
+                edit_s, done = float(sum(meta["edit_times"])), T
+                log.info("T=%d: loaded a saved %s state instead of applying %d edits", T, editor.name, T)
             for case in tqdm(order[done:T], desc=f"{editor.name}: edits {done}->{T}", disable=not progress):
                 t0 = time.perf_counter()
                 editor.edit(case.requests)
@@ -356,6 +367,22 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
     finally:
         editor.rollback()
     return result
+
+
+def _states_by_T(states: Sequence[tuple[dict, dict]], order: Sequence[EditCase], seed: int,
+                 counts: Sequence[int]) -> dict[int, tuple[dict, dict]]:
+    """``{T: (state, meta)}``; each state must come from the first T cases of this seed's order."""
+    saved = {}
+    for state, meta in states:
+        T = int(meta.get("T", -1))
+        if T not in counts:
+            raise RecipeError(f"a saved editor state holds T={T} edits but --edits asks for {list(counts)}")
+        ids = [c.case_id for c in order[:T]]
+        if meta.get("seed") != seed or meta.get("start") != 0 or meta.get("case_ids") != ids:
+            raise RecipeError(f"the saved state with T={T} was made from other cases (another dataset, seed "
+                              f"{meta.get('seed')} or round); it cannot stand for the first {T} cases of seed {seed}")
+        saved[T] = (state, meta)
+    return saved
 
 
 # ---- outputs -----------------------------------------------------------------------------------

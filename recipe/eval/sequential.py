@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from recipe.editors.base import Editor
+from recipe.editors.state_file import EditorStateError, load_state, save_state
 from recipe.errors import RecipeError
 from recipe.eval.metrics import exact_match, generate_for, generation_budget, locality_accuracy
 from recipe.lm import EditedLM
@@ -151,6 +153,46 @@ def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> lis
     return sorted(random.Random(f"{seed}:{T}:{start}").sample(idx, score_cases))
 
 
+def _round_meta(T: int, start: int, seed: int, chosen: Sequence[EditCase], edit_times: list[float]) -> dict:
+    return {"T": T, "start": start, "seed": seed, "applied": len(edit_times),
+            "case_ids": [c.case_id for c in chosen[:len(edit_times)]], "edit_times": edit_times}
+
+
+def _resume_round(editor: Editor, path: Path, T: int, start: int, seed: int, chosen: Sequence[EditCase]) -> list[float]:
+    """Edit times of the cases a mid-round checkpoint at ``path`` already applied (loaded into ``editor``)."""
+    if not path.exists():
+        return []
+    try:
+        state, meta = load_state(path)
+    except EditorStateError as e:
+        log.warning("ignoring the mid-round checkpoint %s: %s", path, e)
+        return []
+    expect = _round_meta(T, start, seed, chosen, [0.0] * int(meta.get("applied", 0)))
+    if any(meta.get(k) != expect[k] for k in ("T", "start", "seed", "case_ids")):
+        log.warning("ignoring the mid-round checkpoint %s: it belongs to another round or run", path)
+        return []
+    editor.load_state_dict(state)
+    log.info("resuming round %d of T=%d after %d applied edits (%s)", start // T, T, meta["applied"], path)
+    return [float(t) for t in meta["edit_times"]]
+
+
+def _apply_round(editor: Editor, chosen: Sequence[EditCase], T: int, start: int, seed: int, out: Path | None,
+                 resume: bool, checkpoint_every: int | None, bar) -> list[float]:
+    """Apply ``chosen`` one case at a time; every ``checkpoint_every`` cases the editor's state goes to
+    ``out/T<T>.round`` so that ``resume`` continues the round from there. Returns the edit times."""
+    ckpt = out / f"T{T}.round" if out is not None and checkpoint_every else None
+    edit_times = _resume_round(editor, ckpt, T, start, seed, chosen) if ckpt is not None and resume else []
+    bar.update(len(edit_times))
+    for k in range(len(edit_times), len(chosen)):
+        t0 = time.perf_counter()
+        editor.edit(chosen[k].requests)
+        edit_times.append(time.perf_counter() - t0)
+        bar.update(1)
+        if ckpt is not None and (k + 1) % checkpoint_every == 0 and k + 1 < len(chosen):
+            save_state(editor.state_dict(), ckpt, _round_meta(T, start, seed, chosen, edit_times))
+    return edit_times
+
+
 def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
     """``items`` in the one seeded order every evaluation takes its first T cases (or n probes) from."""
     order = list(items)
@@ -161,7 +203,8 @@ def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
 def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
                    out_dir: str | Path | None = None, resume: bool = False,
-                   progress: bool = True, score_cases: int | None = None) -> SequentialResult:
+                   progress: bool = True, score_cases: int | None = None, checkpoint_every: int | None = None,
+                   save_states: bool = False) -> SequentialResult:
     """Run the sequential protocol for every T in ``edit_counts``.
 
     The first ``n_cases`` cases of one seeded shuffle (default: the largest T) are cut into
@@ -176,6 +219,11 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     ``score_cases`` (for sets too large to score whole on a CPU): every round still applies all its T
     edits, but only a seeded sample of that many of its cases is scored (and only their locality
     probes are recorded before editing). Not combinable with ``resume``.
+
+    ``checkpoint_every`` (slow editors): inside a round, the editor's state is saved to
+    ``out_dir/T<T>.round`` after every that many cases, and ``resume`` continues the round from it.
+    ``save_states``: the editor's state after the first round of each T (the first T cases of the
+    shuffle) is kept in ``out_dir/state-T<T>`` (``recipe general --editor-state`` measures it).
     """
     counts = sorted(set(int(t) for t in edit_counts))
     if not counts or counts[0] < 1:
@@ -185,8 +233,10 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         raise RecipeError(f"n_cases={n_cases} is smaller than the largest T={counts[-1]}")
     if n_cases > len(cases):
         raise RecipeError(f"asked for {n_cases} cases but the dataset has only {len(cases)}")
-    if resume and out_dir is None:
-        raise RecipeError("resume needs an output folder")
+    if (resume or save_states) and out_dir is None:
+        raise RecipeError("resume and save_states need an output folder")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise RecipeError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
     if score_cases is not None and (score_cases < 1 or resume):
         raise RecipeError(f"score_cases must be a positive integer and cannot be combined with resume, got {score_cases}")
     pool = seeded_order(cases, seed)[:n_cases]
@@ -217,12 +267,9 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             chosen, idx = pool[start:start + T], scored[(T, start)]
             keep = set(idx)
             qs = [(j, q) for j, q in pool_qs if q.case in keep]
-            edit_times = []
-            for case in chosen:
-                t0 = time.perf_counter()
-                editor.edit(case.requests)
-                edit_times.append(time.perf_counter() - t0)
-                bar.update(1)
+            edit_times = _apply_round(editor, chosen, T, start, seed, out, resume, checkpoint_every, bar)
+            if save_states and start == 0:
+                save_state(editor.state_dict(), out / f"state-T{T}", _round_meta(T, start, seed, chosen, edit_times))
             edit_times = [edit_times[i - start] for i in idx]
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
             editor.rollback()
@@ -234,6 +281,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             if path is not None:
                 with open(path, "a") as f:
                     f.write("".join(json.dumps(r) + "\n" for r in new))
+                shutil.rmtree(out / f"T{T}.round", ignore_errors=True)
         bar.close()
         result.summaries[T] = _summarise(T, rows)
         if out is not None:

@@ -83,8 +83,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_target(target: Path) -> None:
-    """Step 0 of the save protocol: repair what an interrupted save left; refuse foreign dirs."""
+def prepare_target(target: Path, marker: str = META_FILE) -> None:
+    """Step 0 of the save protocol: repair what an interrupted save left; refuse foreign dirs (non-empty
+    directories without ``marker``, the file every save writes)."""
     old = old_path(target)
     if old.exists() and target.exists():
         shutil.rmtree(old)
@@ -96,14 +97,14 @@ def prepare_target(target: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     if target.exists() and not target.is_dir():
         raise RepositoryError(f"cannot save to {target}: it exists and is not a directory")
-    if target.is_dir() and not (target / META_FILE).exists() and any(target.iterdir()):
-        raise RepositoryError(f"refusing to replace {target}: a non-empty directory without {META_FILE}")
+    if target.is_dir() and not (target / marker).exists() and any(target.iterdir()):
+        raise RepositoryError(f"refusing to replace {target}: a non-empty directory without {marker}")
 
 
-def save_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
+def save_atomically(target: Path, write_into: Callable[[Path], None], marker: str = META_FILE) -> None:
     """Steps 0-4 of the protocol in ``KnowledgeRepository.save``; ``write_into(work)`` writes and fsyncs the files."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    prepare_target(target)
+    prepare_target(target, marker)
     work = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     work.mkdir()
     try:

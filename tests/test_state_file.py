@@ -1,0 +1,92 @@
+"""Editor states on disk (recipe/editors/state_file.py): round trip, crash safety, clear errors."""
+import json
+
+import pytest
+import torch
+
+from recipe.data import load_dataset
+from recipe.editors import load_editor
+from recipe.editors import state_file
+from recipe.editors.state_file import EditorStateError, load_state, save_state
+
+
+def _nested():
+    return {"editor": "x", "n": 3, "f": 0.5, "ok": True, "none": None, "t": torch.arange(6.0).view(2, 3),
+            "items": [{"id": 0, "key": torch.ones(4, dtype=torch.float16)}, "text", [1, 2]],
+            "params": {"a.b.weight": torch.eye(3)}}
+
+
+def test_nested_state_round_trips(tmp_path):
+    state = _nested()
+    save_state(state, tmp_path / "s", meta={"T": 2, "case_ids": ["a", "b"]})
+    loaded, meta = load_state(tmp_path / "s")
+    assert meta == {"T": 2, "case_ids": ["a", "b"]}
+    assert torch.equal(loaded["t"], state["t"]) and loaded["items"][0]["key"].dtype == torch.float16
+    assert torch.equal(loaded["params"]["a.b.weight"], torch.eye(3))
+    assert {k: v for k, v in loaded.items() if k not in ("t", "items", "params")} == \
+        {"editor": "x", "n": 3, "f": 0.5, "ok": True, "none": None}
+    assert loaded["items"][1:] == ["text", [1, 2]]
+
+
+def test_shared_storage_and_bad_values(tmp_path):
+    base = torch.arange(4.0)
+    save_state({"a": base, "b": base[:2]}, tmp_path / "s")  # views of one storage are copied apart
+    assert torch.equal(load_state(tmp_path / "s")[0]["b"], base[:2])
+    with pytest.raises(EditorStateError, match="cannot save a set"):
+        save_state({"x": {1, 2}}, tmp_path / "bad")
+    with pytest.raises(EditorStateError, match="string keys"):
+        save_state({"x": {1: 2}}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+
+
+def test_weight_editor_state_reproduces_the_edited_model(tiny, one_thread, tmp_path):
+    ids = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
+    base = tiny.model(**ids).logits
+    ft = load_editor("ft", tiny, steps=5, lr=5.0e-2, norm_constraint=0.0)
+    ft.edit(load_dataset("demo")[0].requests)
+    edited = tiny.model(**ids).logits
+    save_state(ft.state_dict(), tmp_path / "ft")
+    ft.rollback()
+    assert torch.equal(tiny.model(**ids).logits, base)
+    fresh = load_editor("ft", tiny, steps=5, lr=5.0e-2, norm_constraint=0.0)
+    fresh.load_state_dict(load_state(tmp_path / "ft")[0])
+    assert torch.equal(tiny.model(**ids).logits, edited)
+    fresh.rollback()
+    assert torch.equal(tiny.model(**ids).logits, base)
+
+
+def test_a_save_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch):
+    save_state({"v": torch.zeros(3)}, tmp_path / "s", meta={"applied": 1})
+
+    def dies(tensors, path):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt  # killed while writing the new files
+
+    monkeypatch.setattr(state_file.safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_state({"v": torch.ones(3)}, tmp_path / "s", meta={"applied": 2})
+    state, meta = load_state(tmp_path / "s")
+    assert meta == {"applied": 1} and torch.equal(state["v"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the half-written work folder is gone
+
+
+def test_clear_errors_for_missing_corrupt_and_foreign(tmp_path):
+    with pytest.raises(EditorStateError, match="no saved editor state"):
+        load_state(tmp_path / "nothing")
+    save_state({"v": torch.zeros(3)}, tmp_path / "s")
+    (tmp_path / "s" / "tensors.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(EditorStateError, match="corrupt"):
+        load_state(tmp_path / "s")
+    (tmp_path / "s" / "tensors.safetensors").unlink()
+    with pytest.raises(EditorStateError, match="tensors.safetensors is missing"):
+        load_state(tmp_path / "s")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "state.json").write_text(json.dumps({"format": "something.else"}))
+    (tmp_path / "r" / "tensors.safetensors").write_bytes(b"")
+    with pytest.raises(EditorStateError):
+        load_state(tmp_path / "r")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="refusing to replace"):
+        save_state({"v": torch.zeros(1)}, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
