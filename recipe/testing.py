@@ -43,7 +43,7 @@ def tiny_tokenizer():
     return tok
 
 
-TINY_SPEC = ModelSpec(name="tiny-llama", source="hf", hf_id="tiny-llama", edit_layers={"ft": 2, "rome": 1})
+TINY_SPEC = ModelSpec(name="tiny-llama", source="hf", hf_id="tiny-llama", edit_layers={"ft": 2, "rome": 1, "grace": 2})
 
 
 def tiny_model(seed: int = 0, layers: int = 4, hidden: int = 64):

@@ -13,6 +13,7 @@ PROBES = ["The capital of France is", "Hey Jude was performed by", "The quick br
 FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0},
         "ftm": {"layer": 2, "steps": 20, "lr": 5.0e-2},
         "tpatcher": {"layer": 3, "steps": 30, "lr": 5.0e-2},
+        "grace": {"layer": 2, "eps_init": 0.05, "steps": 50, "lr": 0.5},
         # MEND: identity g (no checkpoint), i.e. one gradient step of size init_step on layers 2-3.
         "mend": {"checkpoint": None, "layers": [2, 3], "architecture": {"rank": 8, "init_step": 3.0}},
         "recipe": {"architecture": {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "prompt_width": 32},

@@ -1,0 +1,99 @@
+"""GRACE's codebook on the tiny model: replacement only within a radius, expand / split / update rules."""
+import pytest
+import torch
+
+from recipe.editors import load_editor
+from recipe.editors.state_file import load_state, save_state
+from recipe.errors import RecipeError
+from recipe.testing import tiny_lm
+from recipe.types import EditRequest
+
+A = EditRequest("The capital of France is", "Rome")
+B = EditRequest("Hey Jude was performed by", "Paris")
+OTHER = ["The quick brown fox", "Hey Jude was performed by"]
+
+
+def _grace(lm, **kw):
+    return load_editor("grace", lm, {"layer": 2, "eps_init": 0.05, "steps": 50, "lr": 0.5, **kw})
+
+
+def _key_distance(editor, prompt):
+    key, _ = editor._key(editor.codebook, prompt)
+    d, _ = editor.codebook.nearest(key[None])
+    return d.item()
+
+
+def test_outside_every_radius_the_model_is_untouched(tiny, one_thread):
+    base = tiny.generate(OTHER, max_new_tokens=4)
+    base_logits = tiny.model(**tiny.tokenizer(OTHER, return_tensors="pt", padding=True)).logits
+    editor = _grace(tiny)
+    editor.edit([A])
+    assert tiny.score([A.prompt], [A.target_new])[0].accuracy == 1.0
+    assert all(_key_distance(editor, p) > 0.05 for p in OTHER)  # none falls within the radius...
+    assert tiny.generate(OTHER, max_new_tokens=4) == base  # ...so their outputs are the base model's
+    assert torch.equal(tiny.model(**tiny.tokenizer(OTHER, return_tensors="pt", padding=True)).logits, base_logits)
+    editor.rollback()
+
+
+def test_radius_decides_who_sees_the_edit(tiny, one_thread):
+    editor = _grace(tiny)
+    editor.edit([A])
+    d = _key_distance(editor, B.prompt)
+    editor.rollback()
+    before = tiny.score([B.prompt], [A.target_new])[0]
+    wide = _grace(tiny, eps_init=2 * d)  # B's prompt now lies inside A's entry
+    wide.edit([A])
+    assert tiny.score([B.prompt], [A.target_new])[0].logprobs != before.logprobs
+    wide.rollback()
+
+
+def test_same_answer_expands_other_answer_splits(tiny, one_thread):
+    editor = _grace(tiny)
+    editor.edit([A])
+    d = _key_distance(editor, B.prompt)
+    editor.rollback()
+
+    expand = _grace(tiny, eps_init=2 * d)
+    expand.edit([A, EditRequest(B.prompt, A.target_new)])
+    book = expand.codebook
+    assert len(book.labels) == 1 and book.owners == [[0, 1]] and book.radii[0].item() >= d
+    expand.rollback()
+
+    split = _grace(tiny, eps_init=2 * d)
+    split.edit([A, B])
+    book = split.codebook
+    assert book.labels == ["Rome", "Paris"]
+    assert book.radii.tolist() == pytest.approx([d / 2, d / 2], rel=1e-4)
+    assert [s.accuracy for s in tiny.score([A.prompt, B.prompt], ["Rome", "Paris"])] == [1.0, 1.0]
+    split.rollback()
+
+
+def test_the_same_prompt_again_takes_the_newer_answer(tiny, one_thread):
+    editor = _grace(tiny)
+    editor.edit([A])
+    editor.edit([EditRequest(A.prompt, "dog")])
+    assert editor.codebook.labels == ["dog"] and editor.codebook.owners == [[0, 1]]
+    assert tiny.score([A.prompt], ["dog"])[0].accuracy == 1.0
+    editor.rollback()
+
+
+def test_single_edits_cannot_be_removed_and_state_survives_disk(tiny, one_thread, tmp_path):
+    editor = _grace(tiny)
+    editor.edit([A])
+    with pytest.raises(RecipeError, match="rollback"):
+        editor.remove([0])
+    save_state(editor.state_dict(), tmp_path / "g")
+    probe = tiny.score([A.prompt], [A.target_new])[0]
+    editor.rollback()
+    other = tiny_lm()
+    again = _grace(other)
+    again.load_state_dict(load_state(tmp_path / "g")[0])
+    assert other.score([A.prompt], [A.target_new])[0] == probe
+
+
+
+@pytest.mark.parametrize("bad, message", [({"layer": 99}, "out of range"), ({"eps_init": 0.0}, "eps_init > 0"),
+                                          ({"steps": 0}, "steps >= 1")])
+def test_bad_settings_are_named(tiny, bad, message):
+    with pytest.raises(RecipeError, match=message):
+        _grace(tiny, **bad)
