@@ -134,3 +134,21 @@ def test_real_sets_load(data_dir):
     items = load_general(data_dir, n=3, seed=0)
     assert {k: len(v) for k, v in items.items()} == {"mmlu": 3, "csqa": 3, "anli": 9, "squad": 3, "wikitext": 3}
     assert all(0 <= c.answer < len(c.options) for k in ("mmlu", "csqa", "anli") for c in items[k])
+
+
+def test_cli_eval_saves_a_state_that_general_loads(tiny, one_thread, general_dir, tmp_path, monkeypatch, capsys):
+    fast = {"steps": 5, "lr": 5.0e-2, "norm_constraint": 0.0}
+    probe = tiny.tokenizer(["The capital of France is"], return_tensors="pt")
+    base = tiny.model(**probe).logits
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny, fast)))
+    assert cli.main(["eval", "--editor", "ft", "--dataset", "demo", "--edits", "2", "--no-generation",
+                     "--checkpoint-every", "1", "--save-states", "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "state-T2" / "state.json").exists()
+    assert not (tmp_path / "ev" / "T2.round").exists()  # the mid-round checkpoint is gone once the round is written
+    argv = ["general", "--editor", "ft", "--dataset", "demo", "--edits", "2", "--n", "1", "--sets", "csqa",
+            "--data-dir", str(general_dir), "--max-tokens", str(MAX_TOKENS), "--out", str(tmp_path / "gen"),
+            "--editor-state", str(tmp_path / "ev" / "state-T2")]
+    assert cli.main(argv) == 0
+    saved = json.loads((tmp_path / "gen" / "run.json").read_text())
+    assert saved["editor_states"] == [str(tmp_path / "ev" / "state-T2")]
+    assert torch.equal(tiny.model(**probe).logits, base)  # both commands rolled back
