@@ -5,9 +5,10 @@
 # (every run under benchmarks/results/, these included).
 #
 # CPU budget (2 cores, one torch thread per run): the first 20 cases of the seed-0 shuffle at T=1 and
-# T=10 (20 single-edit rounds; 2 rounds of 10) and 100 cases at T=100 (one round); ROME and MEMIT
-# (10-20 s per edit) get T=100 on zsRE only, FT-L gets T=1000. Every run resumes (--resume) from its
-# finished rounds, so an interrupted script picks up where it stopped.
+# T=10 (20 single-edit rounds; 2 rounds of 10) and 100 cases at T=100 (one round); FT-L also gets
+# T=1000. T=1000 for ROME, MEMIT, T-Patcher and GRACE (15-40 s per edit here: 4-11 hours each) needs a
+# GPU. Every run resumes (--resume) from its finished rounds, and T=100 runs of the slow editors save
+# their state every 10 edits (--checkpoint-every), so an interrupted script picks up where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/baselines
@@ -15,16 +16,18 @@ mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; mkdir -p "$out/$name";
         cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$out/$name/"; }
-editors=${*:-"rome memit ftm tpatcher ft mend"}
+editors=${*:-"rome memit ftm tpatcher ft mend grace"}
 for e in $editors; do  # first pass: T=1 and T=10 everywhere
   for d in zsre counterfact; do
     [ "$e-$d" = ft-zsre ] && continue  # in benchmarks/results/foundation/ft-zsre (100 cases)
     run "$e-$d-small" --editor "$e" --dataset "$d" --edits 1,10 --cases 20
   done
 done
-for e in $editors; do  # second pass: T=100 (ROME/MEMIT, 10-30 s per edit here: zsRE only), T=1000 for FT-L
+for e in $editors; do  # second pass: T=100, and T=1000 for FT-L
   case $e in
-    rome|memit) run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100 ;;
+    rome|memit|tpatcher|grace)
+        run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100 --checkpoint-every 10 --save-states
+        run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100 --checkpoint-every 10 ;;
     ft) run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100
         run "$e-zsre-1000" --editor "$e" --dataset zsre --edits 1000 --no-generation ;;
     *)  run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100
