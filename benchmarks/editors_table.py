@@ -72,7 +72,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     datasets = sorted({r["dataset"] for r in rows})
     metrics = ("reliability", "generality", "locality")
-    fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
+    editors = sorted({r["editor"] for r in rows})
+    colors = plt.get_cmap("tab20").colors
+    style = {e: {"color": colors[k % len(colors)], "marker": "osD^v<>"[k % 7], "linestyle": ("-", "--", ":")[k % 3]}
+             for k, e in enumerate(editors)}  # one look per editor in every panel
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets) + 1.6), squeeze=False)
     for i, d in enumerate(datasets):
         for j, m in enumerate(metrics):
             ax = axes[i][j]
@@ -84,13 +88,14 @@ def plot(rows: list[dict], path: Path) -> None:
                             best[r["T"]] = r
                 ts = sorted(best)
                 if ts:
-                    ax.plot(ts, [best[t]["tf"][m] for t in ts], marker="o", label=e)
+                    ax.plot(ts, [best[t]["tf"][m] for t in ts], label=e, **style[e])
             ax.set_xscale("log")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{d}: {m} (teacher-forced)")
             ax.set_xlabel("T (edits applied before scoring)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], **style[e]) for e in editors]
+    fig.legend(handles, editors, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 1.5 / (3.2 * len(datasets) + 1.6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
