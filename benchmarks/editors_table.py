@@ -40,6 +40,8 @@ def collect(root: Path = ROOT) -> list[dict]:
             shown.append("neurons=one")
         if shown:
             editor = f"{editor} ({', '.join(shown)})"
+        if _arg(argv, "--model", "smollm2-135m") != "smollm2-135m":  # other models: their own lines
+            editor = f"{editor} [{_arg(argv, '--model')}]"
         for s in json.loads(summary.read_text()):
             rows.append({"editor": editor, "dataset": dataset, "run": f"{summary.parent.parent.name}/{summary.parent.name}",
                          "no_generation": "--no-generation" in argv, **s})
