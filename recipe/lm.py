@@ -81,6 +81,14 @@ class EditedLM(nn.Module):
         except AttributeError:
             raise RecipeError(f"model {self.spec.name!r} has no module {path!r}") from None
 
+    def replace_module(self, path: str, new: nn.Module) -> nn.Module:
+        """Put ``new`` at dotted ``path`` and return the module it replaces (module-swapping editors)."""
+        parent_path, _, child = path.rpartition(".")
+        parent = self.module(parent_path) if parent_path else self.model
+        old = self.module(path)
+        setattr(parent, child, new)
+        return old
+
     # ---- tokenisation ------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
         if not self.spec.chat_template:

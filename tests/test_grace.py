@@ -23,6 +23,15 @@ def _key_distance(editor, prompt):
     return d.item()
 
 
+def _key_gap(lm, a, b):
+    """Distance between two prompts' keys (no edit needed to read them)."""
+    editor = _grace(lm)
+    book = editor._install()
+    (ka, _), (kb, _) = editor._key(book, a), editor._key(book, b)
+    editor.rollback()
+    return (ka - kb).norm().item()
+
+
 def test_outside_every_radius_the_model_is_untouched(tiny, one_thread):
     base = tiny.generate(OTHER, max_new_tokens=4)
     base_logits = tiny.model(**tiny.tokenizer(OTHER, return_tensors="pt", padding=True)).logits
@@ -36,10 +45,7 @@ def test_outside_every_radius_the_model_is_untouched(tiny, one_thread):
 
 
 def test_radius_decides_who_sees_the_edit(tiny, one_thread):
-    editor = _grace(tiny)
-    editor.edit([A])
-    d = _key_distance(editor, B.prompt)
-    editor.rollback()
+    d = _key_gap(tiny, A.prompt, B.prompt)
     before = tiny.score([B.prompt], [A.target_new])[0]
     wide = _grace(tiny, eps_init=2 * d)  # B's prompt now lies inside A's entry
     wide.edit([A])
@@ -48,10 +54,7 @@ def test_radius_decides_who_sees_the_edit(tiny, one_thread):
 
 
 def test_same_answer_expands_other_answer_splits(tiny, one_thread):
-    editor = _grace(tiny)
-    editor.edit([A])
-    d = _key_distance(editor, B.prompt)
-    editor.rollback()
+    d = _key_gap(tiny, A.prompt, B.prompt)
 
     expand = _grace(tiny, eps_init=2 * d)
     expand.edit([A, EditRequest(B.prompt, A.target_new)])

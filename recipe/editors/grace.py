@@ -56,11 +56,12 @@ class GraceConfig(EditorConfig):
 class GraceCodebook(nn.Module):
     """``out = v_c`` where the nearest key is within its radius, else the original projection's output."""
 
-    def __init__(self, proj: nn.Module, d_in: int, d_out: int, ref: Tensor):
+    def __init__(self, proj: nn.Linear):
         super().__init__()
         self.proj = proj  # the original module object, put back on rollback
-        self.keys = ref.new_zeros(0, d_in)  # (n, d_in)
-        self.values = ref.new_zeros(0, d_out)  # (n, d_out)
+        ref = proj.weight.detach()
+        self.keys = ref.new_zeros(0, proj.in_features)  # (n, d_in)
+        self.values = ref.new_zeros(0, proj.out_features)  # (n, d_out)
         self.radii = ref.new_zeros(0)  # (n,)
         self.labels: list[str] = []
         self.owners: list[list[EditId]] = []  # edit ids each entry serves
@@ -116,16 +117,13 @@ class GraceEditor(Editor):
     # ---- module swap -------------------------------------------------------------------------
     def _install(self) -> GraceCodebook:
         if self.codebook is None:
-            parent_path, child = self.path.rsplit(".", 1)
-            proj = getattr(self.lm.module(parent_path), child)
-            self.codebook = GraceCodebook(proj, proj.in_features, proj.out_features, proj.weight.detach())
-            setattr(self.lm.module(parent_path), child, self.codebook)
+            self.codebook = GraceCodebook(self.lm.module(self.path))
+            self.lm.replace_module(self.path, self.codebook)
         return self.codebook
 
     def rollback(self) -> None:
         if self.codebook is not None:
-            parent_path, child = self.path.rsplit(".", 1)
-            setattr(self.lm.module(parent_path), child, self.codebook.proj)
+            self.lm.replace_module(self.path, self.codebook.proj)
             self.codebook = None
         self._next_id = 0
 

@@ -10,7 +10,6 @@ previous state loadable. ``meta`` holds what the caller needs to check a state b
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import safetensors.torch
 import torch
 
 from recipe.errors import RecipeError
-from recipe.retrieval.repository_format import find_saved, save_atomically
+from recipe.retrieval.repository_format import find_saved, fsync_file, save_atomically
 
 STATE_FILE = "state.json"
 TENSOR_FILE = "tensors.safetensors"
@@ -73,11 +72,7 @@ def save_state(state: dict, directory: str | Path, meta: dict | None = None) -> 
         safetensors.torch.save_file(tensors, str(work / TENSOR_FILE))
         (work / STATE_FILE).write_text(json.dumps(body))
         for name in (TENSOR_FILE, STATE_FILE):
-            fd = os.open(work / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(work / name)
 
     target = Path(directory)
     save_atomically(target, write_into, marker=STATE_FILE)

@@ -159,16 +159,14 @@ class TPatcherEditor(Editor):
 
     def _wrapper(self, layer: int) -> PatchedMLP:
         if layer not in self.wrappers:
-            parent_path, child = self.mlp_path(layer).rsplit(".", 1)
-            parent = self.lm.module(parent_path)
-            wrapper = PatchedMLP(getattr(parent, child))
-            setattr(parent, child, wrapper)
+            path = self.mlp_path(layer)
+            wrapper = PatchedMLP(self.lm.module(path))
+            self.lm.replace_module(path, wrapper)
             self.wrappers[layer] = wrapper
         return self.wrappers[layer]
 
     def _uninstall(self, layer: int) -> None:
-        parent_path, child = self.mlp_path(layer).rsplit(".", 1)
-        setattr(self.lm.module(parent_path), child, self.wrappers.pop(layer).mlp)
+        self.lm.replace_module(self.mlp_path(layer), self.wrappers.pop(layer).mlp)
 
     # ---- the protocol ------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:

@@ -167,8 +167,9 @@ def _resume_round(editor: Editor, path: Path, T: int, start: int, seed: int, cho
     except EditorStateError as e:
         log.warning("ignoring the mid-round checkpoint %s: %s", path, e)
         return []
-    expect = _round_meta(T, start, seed, chosen, [0.0] * int(meta.get("applied", 0)))
-    if any(meta.get(k) != expect[k] for k in ("T", "start", "seed", "case_ids")):
+    applied = int(meta.get("applied", 0))
+    if (meta.get("T"), meta.get("start"), meta.get("seed")) != (T, start, seed) or \
+            meta.get("case_ids") != [c.case_id for c in chosen[:applied]]:
         log.warning("ignoring the mid-round checkpoint %s: it belongs to another round or run", path)
         return []
     editor.load_state_dict(state)

@@ -66,13 +66,17 @@ def old_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     if os.name == "posix":  # elsewhere a directory cannot be opened for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
 
 
 def sha256_file(path: Path) -> str:

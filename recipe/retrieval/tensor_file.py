@@ -50,7 +50,7 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor | Stream], metadata: dict[str, str]) -> str:
-    """Write ``tensors`` in order to ``path`` (not fsynced); returns the sha256 of the file."""
+    """Write ``tensors`` in order to ``path`` and fsync it; returns the sha256 of the file."""
     streams = {name: t if isinstance(t, Stream) else Stream(t.dtype, tuple(t.shape), lambda t=t: [t])
                for name, t in tensors.items()}
     header: dict = {"__metadata__": dict(metadata)}
