@@ -46,11 +46,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--layers", default="5,10,15,20,24,25,28")
+    ap.add_argument("--data-dir", help="default: $RECIPE_DATA_DIR")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, tok, spec = load_model(args.model)
     lm = EditedLM(model, tok, spec)
-    cases = load_dataset("zsre-train")
+    cases = load_dataset("zsre-train", args.data_dir)
     random.Random(0).shuffle(cases)
     cases = [c for c in cases if c.generality and c.locality][:args.n]
     layers = [int(x) for x in args.layers.split(",")]

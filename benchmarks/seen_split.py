@@ -83,12 +83,12 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     result = split(args.run, args.dataset, args.data_dir)
     (args.run / "seen_split.json").write_text(json.dumps(result, indent=1))
     fmt = lambda x: "  -  " if x is None else f"{x:.3f}"  # noqa: E731
@@ -99,7 +99,8 @@ def main() -> None:
         print(f"{t}: " + "   ".join(
             f"{name} ({g['cases']}): " + ", ".join(f"{m} {fmt(g['tf/' + m])}/{fmt(g['em/' + m])}" for m in METRICS)
             for name, g in groups.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)
     (out / "table.txt").write_text(table + "\n")
-    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], "editor_config": editor.state_dict()["config"]},
+    (out / "run.json").write_text(json.dumps({"argv": args.argv, "editor_config": editor.state_dict()["config"]},
                                              indent=1, default=str))
     plot_metrics(summaries, out / "metrics.png", title)
     print(table)
@@ -128,7 +128,7 @@ def cmd_general(args) -> int:
     states = [load_state(p) for p in args.editor_state]
     result = run_general(lm, editor, cases, counts, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out,
                          states=states)
-    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], "dataset": args.dataset, "n": args.n,
+    (out / "run.json").write_text(json.dumps({"argv": args.argv, "dataset": args.dataset, "n": args.n,
                                               "editor_states": args.editor_state,
                                               "editor_config": editor.state_dict()["config"]}, indent=1, default=str))
     print(format_general(result))
@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what run.json records: the command as given, also when called from Python
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("recipe").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:

