@@ -14,6 +14,11 @@ prefix. Variants:
 - per checkpoint: ``vectors``: its l learned vectors alone; ``vectors+statement``: vectors then the
   statement, with the separator the checkpoint was trained with and with the other one.
 
+Generality is also given per probe group (RippleEdits: rephrase, Subject_Aliasing,
+Logical_Generalization, Reasoning). For RippleEdits' two-hop Reasoning probes, ``second_hop_direct``
+asks the unedited model the second hop about the new answer directly (see :func:`second_hop`): a bound
+on those probes for any editor that writes only the edited fact into this LM.
+
 A checkpoint trained with ``prefix_mode: vectors+statement`` never saw its vectors alone, so its
 ``vectors`` row says what the vectors carry, not what a ``vectors``-trained model would reach
 (FIELD_NOTES' calibration has that: ~0.02 on never-seen targets).
@@ -23,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from benchmarks.seen_split import training_targets  # noqa: E402
 from recipe.data import load_dataset  # noqa: E402
@@ -60,6 +67,30 @@ def _variants(lm: EditedLM, checkpoints: list[str]):
     return out
 
 
+def second_hop(request, probe) -> str | None:
+    """A RippleEdits Reasoning probe asked about the new answer directly, or None when its wording does
+    not contain the edit's phrase: "The official language of the place of death of Leo Arons is" with
+    the edit "The place of death of Leo Arons is" -> "Berlin" becomes "The official language of Berlin is"
+    (a leading "The name of" of the edit prompt may be missing in the probe).
+    What the unedited model answers there bounds what any editor that writes only the edited fact
+    (RECIPE's prefix, a weight edit) can reach on the two-hop probe with this LM."""
+    phrase = re.sub(r"\s+(is|was|are|were)$", "", request.prompt.strip())
+    for candidate in (phrase, re.sub(r"^the name of\s+", "", phrase, flags=re.IGNORECASE)):
+        at = probe.prompt.lower().find(candidate.lower()) if candidate else -1
+        if at >= 0:
+            return probe.prompt[:at] + request.target_new.strip() + probe.prompt[at + len(candidate):]
+    return None
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     lm = EditedLM(*load_model(args.model))
@@ -69,8 +100,9 @@ def run(args) -> dict:
     seen = training_targets(args.data_dir)
     is_seen = [c.requests[0].target_new.strip().casefold() in seen for c in cases]
     result = {"dataset": args.dataset, "n": len(cases), "seen": sum(is_seen), "seed": args.seed, "variants": {}}
-    for name, make in _variants(lm, args.checkpoint).items():
-        rel, gen = [], []
+    groups = sorted({g.group for c in cases for g in c.generality})
+    for name, make in tqdm(_variants(lm, args.checkpoint).items(), desc="variants"):
+        rel, gen, by_group = [], [], []  # per case; by_group: {group: mean accuracy of its probes}
         with torch.no_grad():
             for c in cases:
                 r = c.requests[0]
@@ -78,18 +110,41 @@ def run(args) -> dict:
                 prefix = make(r)
                 scores = lm.score([p for p, _ in probes], [t for _, t in probes], [prefix] * len(probes))
                 rel.append(scores[0].accuracy)
-                gen.append(sum(s.accuracy for s in scores[1:]) / max(1, len(scores) - 1) if len(scores) > 1 else None)
-        row = {}
-        for group, keep in (("all", lambda i: True), ("seen", lambda i: is_seen[i]),
-                            ("never-seen", lambda i: not is_seen[i])):
-            idx = [i for i in range(len(cases)) if keep(i)]
-            g = [gen[i] for i in idx if gen[i] is not None]
-            row[group] = {"reliability": sum(rel[i] for i in idx) / max(1, len(idx)),
-                          "generality": sum(g) / max(1, len(g)), "cases": len(idx)}
-        result["variants"][name] = row
-        print(f"{name:60s} " + "  ".join(f"{k}: {v['reliability']:.3f}/{v['generality']:.3f}" for k, v in row.items()),
-              flush=True)
+                gen.append(_mean([s.accuracy for s in scores[1:]]))
+                per: dict[str, list[float]] = {}
+                for g, s in zip(c.generality, scores[1:]):
+                    per.setdefault(g.group, []).append(s.accuracy)
+                by_group.append({k: _mean(v) for k, v in per.items()})
+        result["variants"][name] = _groups(is_seen, rel, gen, by_group, groups)
+        print(f"{name:60s} " + "  ".join(f"{k}: {_fmt(v['reliability'])}/{_fmt(v['generality'])}"
+                                          for k, v in result["variants"][name].items()), flush=True)
+    hops = [[(second_hop(c.requests[0], g), g.target) for g in c.generality if g.group == "Reasoning"] for c in cases]
+    if any(hops):
+        result["second_hop_direct"] = _second_hop(lm, hops, is_seen)
     return result
+
+
+def _groups(is_seen, rel, gen, by_group, groups) -> dict:
+    row = {}
+    for name, keep in (("all", lambda i: True), ("seen", lambda i: is_seen[i]), ("never-seen", lambda i: not is_seen[i])):
+        idx = [i for i in range(len(rel)) if keep(i)]
+        row[name] = {"reliability": _mean([rel[i] for i in idx]), "generality": _mean([gen[i] for i in idx]),
+                     "cases": len(idx), "groups": {g: _mean([by_group[i].get(g) for i in idx]) for g in groups}}
+    return row
+
+
+def _second_hop(lm, hops, is_seen) -> dict:
+    """The unedited model on the Reasoning probes rewritten to ask about the new answer directly."""
+    acc = []
+    with torch.no_grad():
+        for case_hops in hops:
+            asked = [(p, t) for p, t in case_hops if p is not None]
+            scores = lm.score([p for p, _ in asked], [t for _, t in asked]) if asked else []
+            acc.append(_mean([s.accuracy for s in scores]))
+    out = {"probes": sum(len(h) for h in hops), "rewritten": sum(p is not None for h in hops for p, _ in h)}
+    for name, keep in (("all", lambda i: True), ("seen", lambda i: is_seen[i]), ("never-seen", lambda i: not is_seen[i])):
+        out[name] = _mean([acc[i] for i in range(len(acc)) if keep(i)])
+    return out
 
 
 def table(result: dict) -> str:
@@ -97,8 +152,19 @@ def table(result: dict) -> str:
              f"teacher-forced reliability / generality; {result['seen']} seen, {result['n'] - result['seen']} never-seen targets",
              "", "| prefix | all | seen | never seen |", "|---|---|---|---|"]
     for name, row in result["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[g]['reliability']:.3f} / {row[g]['generality']:.3f}"
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(row[g]['reliability'])} / {_fmt(row[g]['generality'])}"
                                                  for g in ("all", "seen", "never-seen")) + " |")
+    groups = sorted({k for row in result["variants"].values() for k in row["all"]["groups"]})
+    if len(groups) > 1:
+        lines += ["", "Generality by probe group, never-seen targets:", "",
+                  "| prefix | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for name, row in result["variants"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row["never-seen"]["groups"][g]) for g in groups) + " |")
+    if "second_hop_direct" in result:
+        h = result["second_hop_direct"]
+        lines += ["", f"Reasoning probes asked about the new answer directly, unedited model ({h['rewritten']} of "
+                      f"{h['probes']} probes could be rewritten): all {_fmt(h['all'])}, seen {_fmt(h['seen'])}, "
+                      f"never-seen {_fmt(h['never-seen'])}"]
     return "\n".join(lines)
 
 

@@ -178,6 +178,33 @@ def test_prefix_ablation_small(data_dir, tmp_path, benchmark_script):
     assert "| none |" in (tmp_path / "zsre.md").read_text()
 
 
+def test_second_hop_asks_about_the_new_answer(benchmark_script):
+    bench = benchmark_script("prefix_ablation")
+    r = EditRequest("The place of death of Leo Arons is", "Berlin", "Leo Arons")
+    ask = lambda prompt: bench.second_hop(r, Probe(prompt, "German", "Reasoning"))  # noqa: E731
+    assert ask("The official language of the place of death of Leo Arons is") == "The official language of Berlin is"
+    assert ask("The Place of Death of Leo Arons is in") == "Berlin is in"
+    assert ask("Is Leo Arons still alive?") is None
+    r = EditRequest("The name of the author of Language and Responsibility is", "Noam Chomsky", "Language and Responsibility")
+    assert bench.second_hop(r, Probe("The name of the award the author of Language and Responsibility won is", "x",
+                                     "Reasoning")) == "The name of the award Noam Chomsky won is"
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_prefix_ablation_groups_and_second_hop_on_ripple(data_dir, tmp_path, benchmark_script):
+    bench = benchmark_script("prefix_ablation")
+    argv = ["--dataset", "ripple-recent-test", "--n", "2", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0  # no checkpoint: the untrained variants only
+    result = json.loads((tmp_path / "ripple-recent-test.json").read_text())
+    assert set(result["variants"]) == {"none", "statement", "statement + \\n"}
+    groups = result["variants"]["none"]["all"]["groups"]
+    assert "rephrase" in groups and all(v is None or 0 <= v <= 1 for v in groups.values())
+    hop = result["second_hop_direct"]
+    assert 0 < hop["rewritten"] <= hop["probes"] and 0 <= hop["all"] <= 1
+    assert "asked about the new answer directly" in (tmp_path / "ripple-recent-test.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- causal_trace
 
 
