@@ -174,3 +174,16 @@ def test_saved_state_stands_for_its_edits_in_general(tiny, one_thread, demo_case
         run_general(tiny, editor, demo_cases, [2], items, seed=5, max_tokens=100, progress=False, states=[state])
     with pytest.raises(RecipeError, match="T=2"):
         run_general(tiny, editor, demo_cases, [3], items, max_tokens=100, progress=False, states=[state])
+
+
+def test_scoring_in_chunks_with_a_bar_gives_the_same_scores(tiny, one_thread, demo_cases):
+    from recipe.eval.metrics import generate_for, generation_budget
+    from recipe.eval.sequential import _queries, _score_queries
+
+    tiny.max_batch = 2  # chunks of 32 queries: several chunks and a ragged last one
+    qs = _queries(demo_cases[:25])
+    assert len(qs) > 2 * 32 and len(qs) % 32
+    scores, gens, secs = _score_queries(tiny, qs, free_generation=True, progress=True, desc="test: ")
+    assert scores == tiny.score([q.prompt for q in qs], [q.target for q in qs])
+    assert gens == generate_for(tiny, [q.prompt for q in qs], [generation_budget(tiny, q.answers) for q in qs])
+    assert min(secs) > 0

@@ -44,12 +44,18 @@ def generation_budget(lm: EditedLM, answers: Sequence[str]) -> int:
     return max(len(lm.target_ids(a)) for a in answers) + 2
 
 
-def generate_for(lm: EditedLM, prompts: Sequence[str], budgets: Sequence[int]) -> list[str]:
-    """Greedy continuations, one budget per prompt (prompts grouped by budget to batch them)."""
+def generate_for(lm: EditedLM, prompts: Sequence[str], budgets: Sequence[int], bar=None) -> list[str]:
+    """Greedy continuations, one budget per prompt (prompts grouped by budget to batch them).
+
+    ``bar``: a progress bar advanced by each batch of ``lm.max_batch`` prompts (the batches
+    ``lm.generate`` would form anyway, so the outputs do not depend on it)."""
     out: list[str | None] = [None] * len(prompts)
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
-        texts = lm.generate([prompts[i] for i in idx], max_new_tokens=budget)
-        for i, t in zip(idx, texts):
-            out[i] = t
+        for s in range(0, len(idx), lm.max_batch):
+            part = idx[s:s + lm.max_batch]
+            for i, t in zip(part, lm.generate([prompts[i] for i in part], max_new_tokens=budget)):
+                out[i] = t
+            if bar is not None:
+                bar.update(len(part))
     return out  # type: ignore[return-value]

@@ -62,14 +62,25 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool):
-    """Teacher-forced scores and (optionally) greedy continuations, with the seconds each took."""
+def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, progress: bool = False, desc: str = ""):
+    """Teacher-forced scores and (optionally) greedy continuations, with the seconds each took.
+
+    With ``progress`` a bar counts the queries scored (then generated): a lifelong round of 1,000 cases
+    has several thousand. Queries go to ``lm.score`` in multiples of its batch size, so the batches,
+    and the scores, are the same as in one call."""
+    bar = tqdm(total=len(qs) * (2 if free_generation else 1), desc=f"{desc}scoring queries", unit="q",
+               disable=not progress or not qs, leave=False)
     t0 = time.perf_counter()
-    scores = lm.score([q.prompt for q in qs], [q.target for q in qs])
+    scores, step = [], lm.max_batch * 16
+    for s in range(0, len(qs), step):
+        part = qs[s:s + step]
+        scores += lm.score([q.prompt for q in part], [q.target for q in part])
+        bar.update(len(part))
     t1 = time.perf_counter()
     gens = None
     if free_generation:
-        gens = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs])
+        gens = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs], bar=bar)
+    bar.close()
     return scores, gens, (t1 - t0, time.perf_counter() - t1)
 
 
@@ -251,7 +262,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     pool_qs = [(j, q) for j, q in enumerate(_queries(pool)) if q.case in wanted]
     loc = [(j, q) for j, q in pool_qs if q.kind == "locality"]
     log.info("recording the unedited model on %d locality probes", len(loc))
-    base_s, base_g, _ = _score_queries(lm, [q for _, q in loc], free_generation)
+    base_s, base_g, _ = _score_queries(lm, [q for _, q in loc], free_generation, progress=progress,
+                                       desc="unedited model: ")
     base_scores = {j: s for (j, _), s in zip(loc, base_s)}
     base_gens = {j: g for (j, _), g in zip(loc, base_g)} if base_g is not None else {}
 
@@ -272,7 +284,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             if save_states and start == 0:
                 save_state(editor.state_dict(), out / f"state-T{T}", _round_meta(T, start, seed, chosen, edit_times))
             edit_times = [edit_times[i - start] for i in idx]
-            scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation)
+            scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation,
+                                                progress=progress and T > 1, desc=f"{editor.name}: T={T}: ")
             editor.rollback()
             new = _case_rows([pool[i] for i in idx], idx, qs, scores, gens, base_scores, base_gens, edit_times)
             timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1], "peak_rss_mb": peak_rss_mb()}
