@@ -28,7 +28,8 @@ FAST_FT = {"steps": 3, "lr": 5.0e-2, "norm_constraint": 0.0}
 
 def _eval_run(tiny, monkeypatch, out, editor, *extra):
     """A real `recipe eval` run on the tiny model (the CLI's model loading swapped for the fixture)."""
-    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny, FAST_FT if editor == "ft" else None)))
+    config = FAST_FT if editor == "ft" else None
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny, config)))
     argv = ["eval", "--editor", editor, "--dataset", "demo", "--edits", "1,2", "--cases", "2", "--no-generation",
             "--out", str(out), *extra]
     assert cli.main(argv) == 0
@@ -185,9 +186,10 @@ def test_second_hop_asks_about_the_new_answer(benchmark_script):
     assert ask("The official language of the place of death of Leo Arons is") == "The official language of Berlin is"
     assert ask("The Place of Death of Leo Arons is in") == "Berlin is in"
     assert ask("Is Leo Arons still alive?") is None
-    r = EditRequest("The name of the author of Language and Responsibility is", "Noam Chomsky", "Language and Responsibility")
-    assert bench.second_hop(r, Probe("The name of the award the author of Language and Responsibility won is", "x",
-                                     "Reasoning")) == "The name of the award Noam Chomsky won is"
+    work = "Language and Responsibility"
+    r = EditRequest(f"The name of the author of {work} is", "Noam Chomsky", work)
+    probe = Probe(f"The name of the award the author of {work} won is", "x", "Reasoning")
+    assert bench.second_hop(r, probe) == "The name of the award Noam Chomsky won is"
 
 
 @needs_smollm2
