@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.seen_split import training_targets  # noqa: E402
+from benchmarks.seen_split import mean_known, training_targets  # noqa: E402
 from recipe.data import load_dataset  # noqa: E402
 from recipe.editors.recipe import build_prefix, load_artifact, statement_token_ids  # noqa: E402
 from recipe.lm import EditedLM  # noqa: E402
@@ -86,11 +86,6 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     lm = EditedLM(*load_model(args.model))
@@ -99,6 +94,8 @@ def run(args) -> dict:
     cases = [c for c in cases if len(c.requests) == 1][:args.n]
     seen = training_targets(args.data_dir)
     is_seen = [c.requests[0].target_new.strip().casefold() in seen for c in cases]
+    splits = {"all": list(range(len(cases))), "seen": [i for i, x in enumerate(is_seen) if x],
+              "never-seen": [i for i, x in enumerate(is_seen) if not x]}  # case indices
     result = {"dataset": args.dataset, "n": len(cases), "seen": sum(is_seen), "seed": args.seed, "variants": {}}
     groups = sorted({g.group for c in cases for g in c.generality})
     for name, make in tqdm(_variants(lm, args.checkpoint).items(), desc="variants"):
@@ -110,41 +107,35 @@ def run(args) -> dict:
                 prefix = make(r)
                 scores = lm.score([p for p, _ in probes], [t for _, t in probes], [prefix] * len(probes))
                 rel.append(scores[0].accuracy)
-                gen.append(_mean([s.accuracy for s in scores[1:]]))
+                gen.append(mean_known([s.accuracy for s in scores[1:]]))
                 per: dict[str, list[float]] = {}
                 for g, s in zip(c.generality, scores[1:]):
                     per.setdefault(g.group, []).append(s.accuracy)
-                by_group.append({k: _mean(v) for k, v in per.items()})
-        result["variants"][name] = _groups(is_seen, rel, gen, by_group, groups)
+                by_group.append({k: mean_known(v) for k, v in per.items()})
+        result["variants"][name] = {
+            split: {"reliability": mean_known([rel[i] for i in idx]), "generality": mean_known([gen[i] for i in idx]),
+                    "cases": len(idx), "groups": {g: mean_known([by_group[i].get(g) for i in idx]) for g in groups}}
+            for split, idx in splits.items()}
         print(f"{name:60s} " + "  ".join(f"{k}: {_fmt(v['reliability'])}/{_fmt(v['generality'])}"
                                           for k, v in result["variants"][name].items()), flush=True)
     hops = [[(second_hop(c.requests[0], g), g.target) for g in c.generality if g.group == "Reasoning"] for c in cases]
     if any(hops):
-        result["second_hop_direct"] = _second_hop(lm, hops, is_seen)
+        result["second_hop_direct"] = _second_hop(lm, hops, splits)
     return result
 
 
-def _groups(is_seen, rel, gen, by_group, groups) -> dict:
-    row = {}
-    for name, keep in (("all", lambda i: True), ("seen", lambda i: is_seen[i]), ("never-seen", lambda i: not is_seen[i])):
-        idx = [i for i in range(len(rel)) if keep(i)]
-        row[name] = {"reliability": _mean([rel[i] for i in idx]), "generality": _mean([gen[i] for i in idx]),
-                     "cases": len(idx), "groups": {g: _mean([by_group[i].get(g) for i in idx]) for g in groups}}
-    return row
-
-
-def _second_hop(lm, hops, is_seen) -> dict:
-    """The unedited model on the Reasoning probes rewritten to ask about the new answer directly."""
-    acc = []
+def _second_hop(lm, hops, splits) -> dict:
+    """The unedited model on the Reasoning probes rewritten to ask about the new answer directly
+    (``hops``: per case, (rewritten prompt or None, target) pairs), scored in one call."""
+    asked = [(n, p, t) for n, case_hops in enumerate(hops) for p, t in case_hops if p is not None]
     with torch.no_grad():
-        for case_hops in hops:
-            asked = [(p, t) for p, t in case_hops if p is not None]
-            scores = lm.score([p for p, _ in asked], [t for _, t in asked]) if asked else []
-            acc.append(_mean([s.accuracy for s in scores]))
-    out = {"probes": sum(len(h) for h in hops), "rewritten": sum(p is not None for h in hops for p, _ in h)}
-    for name, keep in (("all", lambda i: True), ("seen", lambda i: is_seen[i]), ("never-seen", lambda i: not is_seen[i])):
-        out[name] = _mean([acc[i] for i in range(len(acc)) if keep(i)])
-    return out
+        scores = lm.score([p for _, p, _ in asked], [t for _, _, t in asked])
+    per_case: list[list[float]] = [[] for _ in hops]
+    for (n, _, _), s in zip(asked, scores):
+        per_case[n].append(s.accuracy)
+    acc = [mean_known(a) for a in per_case]
+    out = {"probes": sum(len(h) for h in hops), "rewritten": len(asked)}
+    return {**out, **{split: mean_known([acc[i] for i in idx]) for split, idx in splits.items()}}
 
 
 def table(result: dict) -> str:

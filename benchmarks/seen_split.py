@@ -54,7 +54,7 @@ def split(run: Path, dataset: str, data_dir: str | None) -> dict:
             groups["seen" if seen else "never-seen"].append(r)
             groups["shared subject" if r["case_id"] in shared else "unique subject"].append(r)
         out[path.stem] = {
-            name: {"cases": len(g), **{f"{mode}/{m}": _mean([r[mode].get(m) for r in g])
+            name: {"cases": len(g), **{f"{mode}/{m}": mean_known([r[mode].get(m) for r in g])
                                         for mode in ("tf", "em") for m in METRICS}}
             for name, g in groups.items()}
     return out
@@ -78,7 +78,8 @@ def _norm(text: str | None) -> str:
     return (text or "").strip().casefold()
 
 
-def _mean(xs):
+def mean_known(xs):
+    """The mean of the values that are not None; None when there are none."""
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
