@@ -257,3 +257,35 @@ class EditedLM(nn.Module):
         embeds = torch.cat([embeds.new_zeros(len(prompts), P, embeds.shape[2]), embeds], dim=1)  # cached part: unused
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
                                    max_new_tokens=max_new_tokens, **generate_kwargs)
+
+
+class FrozenPrefix:
+    """Teacher-forced target log-probs of a fixed batch whose first ``split`` columns never change.
+
+    The batch is ``texts`` + ``targets``, left-padded as in :meth:`EditedLM.target_logprobs`. Columns
+    ``< split`` (left padding included) are run once without gradient and kept as attention keys/values;
+    :meth:`logprobs` runs only columns ``split..T-1`` on top of them, so any change made at a column
+    ``>= split`` (a hook adding ``δ`` there) is seen exactly as in a full forward. ``split = 0``: full
+    forwards.
+    """
+
+    def __init__(self, lm: EditedLM, texts: Sequence[str], targets: Sequence[str], split: int):
+        self.lm, self.t_ids = lm, [lm.target_ids(t) for t in targets]
+        self.embeds, self.mask, self.pos = lm.embed(list(texts), None, list(targets))  # (B, T, H), (B, T), (B, T)
+        self.split = max(0, min(split, self.embeds.shape[1] - max(len(t) for t in self.t_ids) - 1))
+        self.kv = None
+        if self.split:
+            with torch.no_grad():
+                out = lm.model(inputs_embeds=self.embeds[:, :self.split], attention_mask=self.mask[:, :self.split],
+                               position_ids=self.pos[:, :self.split], use_cache=True, logits_to_keep=1)
+            self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def logprobs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As :meth:`EditedLM.target_logprobs` for the whole batch (differentiable through columns >= split)."""
+        from transformers import DynamicCache
+
+        s, L = self.split, max(len(t) for t in self.t_ids)
+        cache = DynamicCache(list(self.kv), config=self.lm.model.config) if s else None  # fresh each call
+        out = self.lm.model(inputs_embeds=self.embeds[:, s:], attention_mask=self.mask, position_ids=self.pos[:, s:],
+                            past_key_values=cache, use_cache=bool(s), logits_to_keep=L + 1)
+        return self.lm._gold(out.logits, self.t_ids)

@@ -4,6 +4,7 @@ import torch
 
 from recipe.editors import load_editor, memit, rank_one, rome
 from recipe.errors import RecipeError
+from recipe.lm import FrozenPrefix
 from recipe.types import EditRequest
 
 REQUEST = EditRequest("The capital of France is", "Rome", subject="France")
@@ -40,6 +41,26 @@ def test_rome_edit_inserts_key_value_and_rolls_back(tiny, monkeypatch):
     assert after.accuracy == 1.0 and sum(after.logprobs) > sum(before.logprobs)  # subject_last flips it too
     editor.rollback()
     assert torch.equal(weight, base)
+
+
+@pytest.mark.parametrize("fact_token", ["subject_last", "last"])
+def test_value_with_the_frozen_prefix_equals_full_forwards(tiny, fact_token):
+    # Columns before the fact token are run once and reused as keys/values: same δ and NLL as
+    # running the whole batch at every step, on rows of different lengths (left padding).
+    request = EditRequest("In a short note, the capital of France is", "Rome", subject="France")
+    opts = rank_one.ValueOptions(steps=6, kl_factor=0.1, clamp_norm_factor=100.0, stop_loss=0.0)
+    key = rank_one.compute_key(tiny, request, 1, rank_one.CONTEXT_PREFIXES[:3], fact_token)
+    full, reused = (rank_one.compute_value(tiny, request, 1, key, rank_one.CONTEXT_PREFIXES[:3], opts, fact_token,
+                                           reuse_prefix=r) for r in (False, True))
+    assert full.delta.norm() > 0
+    assert torch.allclose(full.delta, reused.delta, rtol=1e-4, atol=1e-5)
+    assert abs(full.nll - reused.nll) < 1e-4
+    texts = [p + request.prompt for p in rank_one.CONTEXT_PREFIXES[:3]]
+    batch = FrozenPrefix(tiny, texts, [request.target_new] * 3, split=4)
+    assert batch.split == 4 and batch.embeds.shape[0] == 3
+    with torch.no_grad():
+        assert torch.allclose(batch.logprobs()[0], tiny.target_logprobs(texts, [request.target_new] * 3, prefixes=None)[0],
+                              atol=1e-5)
 
 
 def test_memit_update_solves_its_normal_equations():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
-from recipe.editors.tpatcher import NEUTRAL_SENTENCES, PatchedMLP
+from recipe.editors.tpatcher import NEUTRAL_SENTENCES, Patch, PatchedMLP
 from recipe.errors import ConfigError, RecipeError
 from recipe.testing import tiny_lm
 from recipe.types import EditRequest
@@ -156,3 +156,70 @@ def test_ftm_has_no_norm_bound():
         load_editor("ftm", lm, {"layer": 2, "norm_constraint": 0.1})
     with pytest.raises(RecipeError, match="edit_layers.ftm"):
         load_editor("ftm", lm, {})  # the tiny spec names no FT-M layer
+
+
+@pytest.mark.parametrize("layer", [3, 1])  # the last layer (prompt columns frozen) and a middle one (full forwards)
+def test_reused_inputs_train_the_same_patches(layer):
+    # Memory texts' MLP inputs kept between edits and, at the last layer, the prompt's columns before
+    # its last token run once: the same patches as full forwards at every step, up to float rounding.
+    cfg = {**FAST, "layer": layer, "stop_loss": 0.0}  # every patch takes all its steps: no rounding-borne stop
+    lm_full, lm_fast = tiny_lm(), tiny_lm()
+    full, fast = load_editor("tpatcher", lm_full, cfg), load_editor("tpatcher", lm_fast, cfg)
+    full.reuse_inputs = False
+    assert lm_full.model.config.num_hidden_layers == 4
+    assert fast._edit_batch(FRANCE).split == (len(lm_fast.prompt_ids(FRANCE.prompt)) - 1 if layer == 3 else 0)
+    for request in (FRANCE, JUDE, EditRequest("The Eiffel Tower is in", "Berlin")):
+        full.edit([request])
+        fast.edit([request])
+    a, b = lm_full.model.model.layers[layer].mlp, lm_fast.model.model.layers[layer].mlp
+    for i in a.patches:
+        for name in ("key", "bias", "value"):
+            # Adam turns rounding-level gradient differences into lr-sized steps on near-zero components
+            assert torch.allclose(getattr(a.patches[i], name), getattr(b.patches[i], name), atol=1e-2)
+    assert set(fast._memory_rows) == {*NEUTRAL_SENTENCES, FRANCE.prompt, JUDE.prompt}  # rows of the texts asked for
+
+
+def test_kept_memory_inputs_follow_weight_changes():
+    lm = tiny_lm()
+    editor = load_editor("tpatcher", lm, FAST)
+    editor.edit([FRANCE])
+    wrapper = lm.model.model.layers[3].mlp
+    kept = editor._memory_inputs(wrapper, JUDE.prompt)
+    assert torch.allclose(kept, _mlp_inputs(lm, wrapper, [*NEUTRAL_SENTENCES, FRANCE.prompt]), atol=1e-6)
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # a layer below changes: the inputs do too
+    fresh = _mlp_inputs(lm, wrapper, [*NEUTRAL_SENTENCES, FRANCE.prompt])
+    assert not torch.allclose(kept, fresh)
+    assert torch.allclose(editor._memory_inputs(wrapper, JUDE.prompt), fresh, atol=1e-6)
+
+
+def test_frozen_prompt_columns_give_the_same_loss_and_gradients():
+    lm = tiny_lm()
+    editor = load_editor("tpatcher", lm, FAST)
+    editor.edit([FRANCE])  # a frozen patch already installed
+    wrapper = lm.model.model.layers[3].mlp
+    d = lm.hidden_size
+    g = torch.Generator().manual_seed(0)
+    patch = Patch(*(torch.randn(*s, generator=g).requires_grad_(True)
+                          for s in ((2, d), (2,), (2, d))))
+    wrapper.training_patch = patch
+    results = []
+    for reuse in (False, True):
+        editor.reuse_inputs = reuse
+        batch = editor._edit_batch(JUDE)
+        assert (batch.split > 0) == reuse
+        nll, x_e = editor._edit_forward(wrapper, batch)
+        grads = torch.autograd.grad(nll + x_e.sum() * 0, [patch.key, patch.bias, patch.value])
+        results.append((nll.detach(), x_e.detach(), grads))
+    wrapper.training_patch = None
+    shortcut = editor._shortcut(wrapper, batch)  # z and x read once; the step is head(norm(z + patch(x)))
+    assert editor._shortcut_ok is True
+    nll, x_e = shortcut(patch)
+    results.append((nll.detach(), x_e.detach(), torch.autograd.grad(nll, [patch.key, patch.bias, patch.value])))
+    (nll_a, x_a, g_a), *others = results
+    assert g_a[2].abs().sum() > 0
+    for nll_b, x_b, g_b in others:
+        assert torch.allclose(nll_a, nll_b, atol=1e-6) and torch.allclose(x_a, x_b, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_a, g_b))
+    editor.layer = 2  # not the last layer: no shortcut
+    assert editor._shortcut(wrapper, batch) is None

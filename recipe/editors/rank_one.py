@@ -10,7 +10,10 @@ The MLP output projection of layer l (``spec.mlp_out``, HF ``down_proj``, weight
   to make the target likely after every context prefix, with a KL term that keeps the model's view of
   "{subject} is a" unchanged, a weight decay and a norm clamp (ROME eq. 4); :func:`compute_value`.
   Since ``W`` is linear, ``W k*`` is the mean of the unedited outputs over the prefixes, so ``v*`` is
-  their mean after adding ``δ``.
+  their mean after adding ``δ``. ``δ`` enters at the fact token only, so under causal attention the
+  positions before it do not depend on ``δ``: their keys/values are computed once per request and
+  every optimisation step runs the rest alone (:class:`recipe.lm.FrozenPrefix`; two thirds of the positions on
+  zsRE and CounterFact, same result up to float rounding).
 - ``C = E[k kᵀ]``: the uncentred second moment of the keys over text from a :class:`CovarianceSource`
   (WikiText for real runs, random tokens in tests), cached on disk per model / layer / sample count;
   :class:`KeyCovariance`.
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recipe.errors import RecipeError
-from recipe.lm import EditedLM
+from recipe.lm import EditedLM, FrozenPrefix
 from recipe.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -164,19 +167,24 @@ def _kl_logprobs(lm: EditedLM, texts: Sequence[str]) -> Tensor:
 
 def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
                   context_prefixes: Sequence[str] = CONTEXT_PREFIXES[:5], options: ValueOptions = ValueOptions(),
-                  fact_token: FactToken = "subject_last") -> Value:
+                  fact_token: FactToken = "subject_last", reuse_prefix: bool = True) -> Value:
     """v* for ``request`` at ``layer`` (ROME §3.1, eq. 4):
 
     ``δ = argmin  mean_j −log P[target | x_j + prompt, m += δ]  +  kl_factor · KL(P[· | s is a] ‖ P'[· | s is a])
     + weight_decay · ‖δ‖²/‖m‖²``, with ``‖δ‖ ≤ clamp_norm_factor · ‖m‖`` after every step, and
     ``v* = W k* + δ``. Without a subject (``fact_token="last"``) there is no essence prompt and no KL term.
+    ``reuse_prefix``: run the columns before the fact token once (:class:`recipe.lm.FrozenPrefix`); False: full
+    forwards at every step (the reference for tests).
     """
     module = lm.module(lm.spec.mlp_out.format(layer))
     weight = module.weight
     texts, idxs = _texts_and_indices(lm, request, context_prefixes, fact_token)
     targets = [request.target_new] * len(texts)
     n_target = len(lm.target_ids(request.target_new))
-    rewrite_onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in texts], idxs)
+    rewrite_onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in texts], idxs)  # (B, T, 1)
+    fact_col = int(rewrite_onehot[..., 0].argmax(1).min())  # earliest column where δ enters
+    batch = FrozenPrefix(lm, texts, targets, fact_col if reuse_prefix else 0)
+    rewrite_onehot = rewrite_onehot[:, batch.split:]  # the hook sees the columns after the frozen ones
     kl_texts = [KL_TEMPLATE.format(request.subject)] if request.subject is not None and options.kl_factor > 0 else []
     if kl_texts:
         kl_onehot = _onehot(lm, [len(lm.prompt_ids(kl_texts[0]))], [fact_index(lm, kl_texts[0], request.subject, fact_token)])
@@ -192,7 +200,7 @@ def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
         for step in range(options.steps):
             opt.zero_grad(set_to_none=True)
             adder.onehot = rewrite_onehot
-            logp, _, _, mask = lm.target_logprobs(texts, targets, prefixes=None)  # (B, L)
+            logp, _, _, mask = batch.logprobs()  # (B, L)
             nll = -(logp * mask).sum() / mask.sum()
             loss = nll + options.weight_decay * delta.norm() ** 2 / m.norm() ** 2
             if kl_texts:

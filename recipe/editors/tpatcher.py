@@ -30,6 +30,15 @@ A neuron's key starts at ``x / ‖x‖²`` for its position's input x (so it sta
 single neuron uses the prompt's last token), b and v at 0. With several neurons, ``a_e`` is each
 neuron at its own position and the other target positions join ``a_m``.
 
+Speed (same results up to float rounding): the memory texts' MLP inputs do not depend on patches at
+this layer, so each text is run once and its rows are kept while the weights below stay the same; and
+when the patched layer is the last one, a patch changes nothing that earlier positions or layers pass
+on: its MLP inputs ``x`` and the decoder's output ``z`` at the positions that predict the target are
+read once per edit, and each training step computes only ``head(norm(z + relu(x Kᵀ + b) V))``
+(:class:`HeadShortcut`; checked against a full forward once per editor, for decoders whose MLP
+output enters the residual stream unnormalised, as in Llama; otherwise the prompt's columns before
+its last token are still run once, :class:`recipe.lm.FrozenPrefix`).
+
 The layer's MLP module is swapped for a :class:`PatchedMLP` that holds the original module; rollback
 puts the original object back. Each edit id is one patch, so ``remove`` undoes single edits.
 """
@@ -44,6 +53,7 @@ from torch import Tensor, nn
 
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.errors import IncompatibleError, RecipeError
+from recipe.lm import FrozenPrefix
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
@@ -127,6 +137,54 @@ class PatchedMLP(nn.Module):
         return None if p is None else (p.key, p.bias, p.value)
 
 
+class HeadShortcut:
+    """Target log-probs with a training patch at the LAST layer, from inputs read once per edit.
+
+    ``z`` (n, H): the last decoder layer's output with the frozen patches, ``x`` (n, d_in): its MLP
+    input, both at the batch's last n_t + 1 positions. With the training patch the output is
+    ``z + relu(x Kᵀ + b) V`` (the MLP output is added to the residual stream), then the final norm and
+    the LM head. :meth:`matches` checks that against a full forward.
+    """
+
+    def __init__(self, lm, wrapper: PatchedMLP, batch: FrozenPrefix, layer: int):
+        self.lm, self.t_ids = lm, batch.t_ids
+        self.norm, self.head = lm.model.get_decoder().norm, lm.model.get_output_embeddings()
+        n = len(batch.t_ids[0]) + 1
+        got: dict[str, Tensor] = {}
+        handle = lm.module(f"{lm.spec.layers}.{layer}").register_forward_hook(
+            lambda module, args, out: got.__setitem__("z", out[0] if isinstance(out, tuple) else out))
+        wrapper.capture = True
+        try:
+            with torch.no_grad():
+                batch.logprobs()
+            self.z, self.x = got["z"][0, -n:].detach(), wrapper.captured[0, -n:].detach()  # (n, H), (n, d_in)
+        finally:
+            handle.remove()
+            wrapper.capture, wrapper.captured = False, None
+
+    def __call__(self, patch: Patch) -> tuple[Tensor, Tensor]:
+        """As :meth:`TPatcherEditor._edit_forward` with ``patch`` in training: NLL and x_e (n_t, d_in)."""
+        z = self.z + torch.relu(self.x @ patch.key.T + patch.bias) @ patch.value  # (n, H)
+        logp, _, _, mask = self.lm._gold(self.head(self.norm(z))[None], self.t_ids)  # (1, n_t)
+        return -(logp * mask).sum() / mask.sum(), self.x[:-1]
+
+    def matches(self, wrapper: PatchedMLP, batch: FrozenPrefix, edit_forward) -> bool:
+        """Whether a random patch gives the same NLL here and in a full forward (decoder layout check)."""
+        g = torch.Generator().manual_seed(0)
+        d_in, d_out = self.x.shape[1], self.z.shape[1]
+        probe = Patch(torch.randn(2, d_in, generator=g).to(self.x) / d_in ** 0.5, torch.ones(2).to(self.x),
+                      torch.randn(2, d_out, generator=g).to(self.z))
+        wrapper.training_patch = probe
+        try:
+            with torch.no_grad():
+                full, _ = edit_forward(wrapper, batch)
+        finally:
+            wrapper.training_patch = None
+        with torch.no_grad():
+            fast, _ = self(probe)
+        return bool(torch.allclose(full, fast, rtol=1e-4, atol=1e-4))
+
+
 def _topk_mean(x: Tensor, k: int) -> Tensor:
     x = x.reshape(-1)
     return x.topk(min(k, x.numel())).values.mean()
@@ -136,6 +194,7 @@ def _topk_mean(x: Tensor, k: int) -> Tensor:
 class TPatcherEditor(Editor):
     name = "tpatcher"
     config_cls = TPatcherConfig
+    reuse_inputs = True  # False: full forwards for the edit and the memory texts every time (tests' reference)
 
     def __init__(self, lm, config: TPatcherConfig | None = None):
         super().__init__(lm, config)
@@ -149,6 +208,9 @@ class TPatcherEditor(Editor):
         self.wrappers: dict[int, PatchedMLP] = {}  # layer -> installed wrapper
         self.patch_layer: dict[EditId, int] = {}  # edit id -> layer of its patch
         self.memory_prompts: list[str] = []  # prompts of earlier edits (memory bank)
+        self._memory_rows: dict[str, Tensor] = {}  # memory text -> its MLP inputs at self.layer (tokens, d_in)
+        self._memory_signature: object = None  # what those inputs depend on (see _input_signature)
+        self._shortcut_ok: bool | None = None  # HeadShortcut agrees with a full forward on this model
 
     # ---- module swap -------------------------------------------------------------------------
     def mlp_path(self, layer: int) -> str:
@@ -192,6 +254,7 @@ class TPatcherEditor(Editor):
             self._uninstall(layer)
         self.patch_layer.clear()
         self.memory_prompts.clear()
+        self._memory_rows.clear()
         self._next_id = 0
 
     def state_dict(self) -> dict:
@@ -225,30 +288,72 @@ class TPatcherEditor(Editor):
         self.memory_prompts = list(state.get("memory_prompts", []))
 
     # ---- training one patch ------------------------------------------------------------------
+    def _input_signature(self) -> object:
+        """Equal between two calls iff this layer's MLP inputs cannot have changed: same parameters at the
+        same versions and no patches below this layer; a fresh object (never equal) otherwise."""
+        if not self.reuse_inputs or any(layer < self.layer for layer in self.wrappers):
+            return object()
+        return tuple((id(p), p._version) for p in self.lm.model.parameters())
+
     @torch.no_grad()
     def _memory_inputs(self, wrapper: PatchedMLP, prompt: str) -> Tensor:
         """MLP inputs (M, d_in) at every real token of the memory texts unrelated to ``prompt``."""
         texts = [t for t in [*self.config.memory_sentences, *self.memory_prompts] if not t.startswith(prompt)]
         if not texts:
             return torch.empty(0, self.lm.hidden_size, device=self.lm.device)
-        rows = []
+        signature = self._input_signature()
+        if signature != self._memory_signature:
+            self._memory_rows.clear()
+            self._memory_signature = signature
+        missing = [t for t in dict.fromkeys(texts) if t not in self._memory_rows]
         wrapper.capture = True
         try:
-            for s in range(0, len(texts), self.lm.max_batch):
-                embeds, mask, pos = self.lm.embed(texts[s:s + self.lm.max_batch], prefixes=None)
+            for s in range(0, len(missing), self.lm.max_batch):
+                batch = missing[s:s + self.lm.max_batch]
+                embeds, mask, pos = self.lm.embed(batch, prefixes=None)
                 self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1,
                               use_cache=False)
-                rows.append(wrapper.captured[mask.bool()])  # (tokens, d_in)
+                for i, text in enumerate(batch):
+                    self._memory_rows[text] = wrapper.captured[i][mask[i].bool()]  # (tokens, d_in)
         finally:
             wrapper.capture, wrapper.captured = False, None
-        return torch.cat(rows)  # (M, d_in)
+        rows = torch.cat([self._memory_rows[t] for t in texts])  # (M, d_in)
+        keep = {*self.config.memory_sentences, *self.memory_prompts}  # what later edits can still ask for
+        self._memory_rows = {t: r for t, r in self._memory_rows.items() if t in keep}
+        return rows
 
-    def _edit_forward(self, wrapper: PatchedMLP, request: EditRequest) -> tuple[Tensor, Tensor]:
+    def _edit_batch(self, request: EditRequest) -> FrozenPrefix:
+        """The edit's prompt + target; with the last layer patched, the prompt's columns before its last
+        token are run once (a patch there changes only those positions' own logits)."""
+        n_t = len(self.lm.target_ids(request.target_new))
+        split = len(self.lm.prompt_ids(request.prompt)) - 1
+        last = self.layer == self.default_layer(-1) and self.reuse_inputs
+        log.debug("tpatcher: %d target tokens, %d prompt columns frozen", n_t, split if last else 0)
+        return FrozenPrefix(self.lm, [request.prompt], [request.target_new], split if last else 0)
+
+    def _shortcut(self, wrapper: PatchedMLP, batch: FrozenPrefix) -> HeadShortcut | None:
+        """A :class:`HeadShortcut` for this edit when the last layer is patched and the model's layout allows it."""
+        if not self.reuse_inputs or self.layer != self.default_layer(-1) or self._shortcut_ok is False:
+            return None
+        try:
+            shortcut = HeadShortcut(self.lm, wrapper, batch, self.layer)
+        except (AttributeError, KeyError, TypeError) as err:  # no get_decoder().norm / output embeddings
+            log.info("tpatcher: no head shortcut for this model (%s); full forwards", err)
+            self._shortcut_ok = False
+            return None
+        if self._shortcut_ok is None:
+            self._shortcut_ok = shortcut.matches(wrapper, batch, self._edit_forward)
+            if not self._shortcut_ok:
+                log.info("tpatcher: the last layer's output is not z + MLP change on this model; full forwards")
+                return None
+        return shortcut
+
+    def _edit_forward(self, wrapper: PatchedMLP, batch: FrozenPrefix) -> tuple[Tensor, Tensor]:
         """Target NLL and the MLP inputs (n_t, d_in) at the positions that predict the target tokens."""
         wrapper.capture = True
         try:
-            logp, _, _, mask = self.lm.target_logprobs([request.prompt], [request.target_new], prefixes=None)
-            x = wrapper.captured[0]  # (T, d_in)
+            logp, _, _, mask = batch.logprobs()
+            x = wrapper.captured[0]  # (T, d_in), T: the columns after the frozen ones
         finally:
             wrapper.capture, wrapper.captured = False, None
         n_t, T = int(mask.sum().item()), x.shape[0]
@@ -258,8 +363,10 @@ class TPatcherEditor(Editor):
     def _train_patch(self, wrapper: PatchedMLP, request: EditRequest) -> Patch:
         cfg = self.config
         memory = self._memory_inputs(wrapper, request.prompt)  # (M, d_in)
+        batch = self._edit_batch(request)
+        shortcut = self._shortcut(wrapper, batch)
         with torch.no_grad():
-            _, x_e = self._edit_forward(wrapper, request)  # (n_t, d_in)
+            _, x_e = self._edit_forward(wrapper, batch)  # (n_t, d_in)
         anchors = x_e if cfg.neurons == "per_target_token" else x_e[:1]  # (n, d_in); [:1]: the prompt's last token
         n = anchors.shape[0]
         patch = Patch(key=(anchors / anchors.pow(2).sum(-1, keepdim=True)).clone().requires_grad_(True),  # a_e = 1
@@ -270,7 +377,7 @@ class TPatcherEditor(Editor):
         try:
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
-                nll, x_e = self._edit_forward(wrapper, request)
+                nll, x_e = shortcut(patch) if shortcut is not None else self._edit_forward(wrapper, batch)
                 a_e, a_m = self._activations(patch, x_e, memory)
                 if self._done(nll, a_e, a_m):
                     break
