@@ -180,6 +180,25 @@ class EditedLM(nn.Module):
                          logits_to_keep=L + 1, use_cache=False)
         return self._gold(out.logits, t_ids)
 
+    def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                      logits_to_keep: int = 0):
+        """The model's output when ``hidden`` (B, T, H) is the residual stream after decoder ``layer``:
+        only the layers above it, the final norm and the head run.
+
+        The decoder's layer list is swapped for its tail during the call (and restored), so the model's
+        own forward builds the masks and rotary embeddings; callers that rely on it for exact results
+        check it against a full forward once (``GraceEditor``)."""
+        parent, name = self.spec.layers.rsplit(".", 1)
+        decoder, layers = self.module(parent), self.module(self.spec.layers)
+        if not 0 <= layer < len(layers):
+            raise RecipeError(f"layer {layer} out of range for a model of {len(layers)} layers")
+        setattr(decoder, name, nn.ModuleList(list(layers)[layer + 1:]))
+        try:
+            return self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=logits_to_keep, use_cache=False)
+        finally:
+            setattr(decoder, name, layers)
+
     def _gold(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``target_logprobs``'s outputs from the last ``L + 1`` positions' logits (B, L + 1, V)."""
         L = max(len(t) for t in t_ids)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
+from recipe.editors.grace import _UpperSteps
 from recipe.editors.state_file import load_state, save_state
 from recipe.errors import RecipeError
 from recipe.testing import tiny_lm
@@ -100,3 +101,48 @@ def test_single_edits_cannot_be_removed_and_state_survives_disk(tiny, one_thread
 def test_bad_settings_are_named(tiny, bad, message):
     with pytest.raises(RecipeError, match=message):
         _grace(tiny, **bad)
+
+
+def test_training_on_the_layers_above_gives_the_same_values_and_gradients(one_thread):
+    # Steps add hit · (v − v0) to the layer's output read once and run only the layers above it: the
+    # same log-probs and gradients as a full forward, so the same values up to float rounding.
+    lm_full, lm_fast = tiny_lm(), tiny_lm()
+    big = {"eps_init": 50.0, "stop_loss": 0.0, "steps": 20}  # radii wide enough that target positions hit too
+    full, fast = _grace(lm_full, **big), _grace(lm_fast, **big)
+    full.reuse_inputs = False
+    for request in (A, B, EditRequest("The Eiffel Tower is in", "Berlin")):
+        full.edit([request])
+        fast.edit([request])
+    assert fast._upper_ok is True and full._upper_ok is None
+    assert torch.allclose(full.codebook.values, fast.codebook.values, atol=1e-3)
+    assert torch.equal(full.codebook.radii, fast.codebook.radii) and full.codebook.labels == fast.codebook.labels
+    wide = _grace(tiny_lm(), eps_init=1.0e4, steps=1)  # one entry whose radius covers every position
+    wide.edit([A])
+    book, entry = wide.codebook, 0
+    value = book.values[entry].clone().requires_grad_(True)
+    book.training_value = (entry, book.values[entry].clone())
+    upper = _UpperSteps(wide.lm, book, entry, A, wide.layer)
+    assert upper.hit.sum() == upper.hit.numel() > 1  # every position of prompt + target
+    book.training_value = (entry, value)
+    grads = []
+    for logp, mask in (wide._full_logprobs(A), upper(value)):
+        nll = -(logp * mask).sum() / mask.sum()
+        grads.append((nll.detach(), torch.autograd.grad(nll, value)[0]))
+    book.training_value = None
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert grads[0][1].abs().sum() > 0 and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_forward_above_equals_the_full_model(tiny):
+    embeds, mask, pos = tiny.embed(["The capital of France is", "Hi"], prefixes=None)
+    seen = {}
+    handle = tiny.module("model.layers.1").register_forward_hook(lambda m, a, out: seen.setdefault("z", out))
+    with torch.no_grad():
+        want = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+        handle.remove()
+        z = seen["z"][0] if isinstance(seen["z"], tuple) else seen["z"]
+        got = tiny.forward_above(1, z, mask, pos).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert len(tiny.module("model.layers")) == tiny.model.config.num_hidden_layers  # put back
+    with pytest.raises(RecipeError, match="out of range"):
+        tiny.forward_above(9, z, mask, pos)
