@@ -16,8 +16,9 @@ teacher-forced answer tokens) to one ``(l, H)`` tensor or ``None`` per prompt.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +180,17 @@ class EditedLM(nn.Module):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                          logits_to_keep=L + 1, use_cache=False)
         return self._gold(out.logits, t_ids)
+
+    @contextmanager
+    def layer_output(self, layer: int) -> Iterator[dict[str, Tensor]]:
+        """Within the block, each forward stores decoder ``layer``'s output (B, T, H) under ``"z"``."""
+        got: dict[str, Tensor] = {}
+        handle = self.module(f"{self.spec.layers}.{layer}").register_forward_hook(
+            lambda module, args, out: got.__setitem__("z", out[0] if isinstance(out, tuple) else out))
+        try:
+            yield got
+        finally:
+            handle.remove()
 
     def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
                       logits_to_keep: int = 0):

@@ -135,12 +135,10 @@ def test_training_on_the_layers_above_gives_the_same_values_and_gradients(one_th
 
 def test_forward_above_equals_the_full_model(tiny):
     embeds, mask, pos = tiny.embed(["The capital of France is", "Hi"], prefixes=None)
-    seen = {}
-    handle = tiny.module("model.layers.1").register_forward_hook(lambda m, a, out: seen.setdefault("z", out))
     with torch.no_grad():
-        want = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
-        handle.remove()
-        z = seen["z"][0] if isinstance(seen["z"], tuple) else seen["z"]
+        with tiny.layer_output(1) as seen:
+            want = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+        z = seen["z"]
         got = tiny.forward_above(1, z, mask, pos).logits
     assert torch.allclose(want, got, atol=1e-5)
     assert len(tiny.module("model.layers")) == tiny.model.config.num_hidden_layers  # put back

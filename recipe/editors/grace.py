@@ -263,12 +263,9 @@ class _UpperSteps:
         self.t_ids = [lm.target_ids(request.target_new)]
         self.embeds, self.mask, self.pos = lm.embed([request.prompt], None, [request.target_new])
         self.v0 = book.training_value[1].detach().clone()
-        got: dict[str, Tensor] = {}
-        handle = lm.module(f"{lm.spec.layers}.{layer}").register_forward_hook(
-            lambda module, args, out: got.__setitem__("z", out[0] if isinstance(out, tuple) else out))
         book.capture = True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), lm.layer_output(layer) as got:
                 lm.model(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.pos, use_cache=False,
                          logits_to_keep=1)
             x = book.captured[0]  # (T, d_in)
@@ -276,7 +273,6 @@ class _UpperSteps:
             dist, idx = book.nearest(x)
             self.hit = ((idx == entry) & (dist <= book.radii[idx])).to(self.z.dtype)[None, :, None]  # (1, T, 1)
         finally:
-            handle.remove()
             book.capture, book.captured = False, None
 
     def __call__(self, value: Tensor) -> tuple[Tensor, Tensor]:

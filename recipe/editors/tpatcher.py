@@ -150,16 +150,12 @@ class HeadShortcut:
         self.lm, self.t_ids = lm, batch.t_ids
         self.norm, self.head = lm.model.get_decoder().norm, lm.model.get_output_embeddings()
         n = len(batch.t_ids[0]) + 1
-        got: dict[str, Tensor] = {}
-        handle = lm.module(f"{lm.spec.layers}.{layer}").register_forward_hook(
-            lambda module, args, out: got.__setitem__("z", out[0] if isinstance(out, tuple) else out))
         wrapper.capture = True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), lm.layer_output(layer) as got:
                 batch.logprobs()
             self.z, self.x = got["z"][0, -n:].detach(), wrapper.captured[0, -n:].detach()  # (n, H), (n, d_in)
         finally:
-            handle.remove()
             wrapper.capture, wrapper.captured = False, None
 
     def __call__(self, patch: Patch) -> tuple[Tensor, Tensor]:
