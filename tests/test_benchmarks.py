@@ -244,3 +244,27 @@ def test_grace_distances_small(data_dir, capsys, benchmark_script):
         for cell in cells[2:]:
             q10, q50, q90 = map(float, cell.split(" / "))
             assert 0 <= q10 <= q50 <= q90
+
+
+# ---------------------------------------------------------------------------------------------- editor_speed
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_editor_speed_small(data_dir, tmp_path, benchmark_script):
+    # Both ways edit the same requests on two copies of SmolLM2; with read-once inputs the edited
+    # models must score the edit prompts and paraphrases the same, up to float rounding.
+    bench = benchmark_script("editor_speed")
+    out = tmp_path / "speed"
+    argv = ["--editors", "tpatcher,grace", "--edits", "2", "--set", '{"steps": 4}', "--data-dir", str(data_dir),
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    for name in ("tpatcher", "grace"):
+        r = json.loads((out / f"{name}.json").read_text())
+        assert r["edits"] == 2 and len(r["full_s_per_edit"]["all"]) == len(r["reuse_s_per_edit"]["all"]) == 2
+        assert r["speedup"] > 0 and r["queries"] >= 2
+        assert r["max_abs_logprob_diff"] < 1e-2 and r["accuracy_full"] == pytest.approx(r["accuracy_reuse"], abs=0.05)
+    table = (out / "table.md").read_text()
+    assert "| tpatcher | 2 |" in table and "| grace | 2 |" in table
+    with pytest.raises(SystemExit):
+        bench.main(["--editors", "ft", "--out", str(out)])

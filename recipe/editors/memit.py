@@ -83,7 +83,7 @@ class MEMITEditor(RankOneEditor):
         for r in requests:  # δ_i on the model before this batch (Alg. 1 lines 2-7)
             key = rank_one.compute_key(self.lm, r, last, self.prefixes, cfg.fact_token)
             deltas.append(rank_one.compute_value(self.lm, r, last, key, self.prefixes, value_options(cfg),
-                                                 cfg.fact_token).delta)
+                                                 cfg.fact_token, reuse_prefix=self.reuse_inputs).delta)
         z = self._hidden(requests, last) + torch.stack(deltas)  # target hidden states (n, H)
         for i, layer in enumerate(self.layers):
             keys = torch.stack([rank_one.compute_key(self.lm, r, layer, self.prefixes, cfg.fact_token)

@@ -84,6 +84,8 @@ def rank_one_update(weight: Tensor, cov: Tensor, key: Tensor, value: Tensor) -> 
 class RankOneEditor(WeightEditor):
     """What ROME and MEMIT share: context prefixes, key covariance, the subject check on requests."""
 
+    reuse_inputs = True  # False: full forwards at every δ step (rank_one.compute_value's reuse_prefix)
+
     def __init__(self, lm, config=None, covariance_source: rank_one.CovarianceSource | None = None):
         super().__init__(lm, config)
         self.prefixes = context_prefixes(self.config)
@@ -113,7 +115,7 @@ class ROMEEditor(RankOneEditor):
         for request in requests:
             key = rank_one.compute_key(self.lm, request, self.layer, self.prefixes, cfg.fact_token)
             value = rank_one.compute_value(self.lm, request, self.layer, key, self.prefixes, value_options(cfg),
-                                           cfg.fact_token)
+                                           cfg.fact_token, reuse_prefix=self.reuse_inputs)
             weight = self.snapshot.touch(self.param_name)
             with torch.no_grad():
                 weight.add_(rank_one_update(weight, cov, key, value.value).to(weight.dtype))
