@@ -101,6 +101,35 @@ def test_resume_skips_completed_rounds_and_matches(tiny, demo_cases, tmp_path):
                        resume=True, free_generation=False, progress=False)
 
 
+def test_resume_reads_the_unedited_record_while_model_and_probes_match(tiny, demo_cases, tmp_path, monkeypatch):
+    from recipe.eval import sequential
+
+    first = run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path,
+                           progress=False).summaries[2]
+    record = json.loads((tmp_path / "unedited.json").read_text())
+    assert len(record["scores"]) == len(record["generations"]) > 0
+    calls = []
+    real = sequential._score_queries
+    monkeypatch.setattr(sequential, "_score_queries", lambda lm, qs, *a, **k: calls.append(k.get("desc")) or real(lm, qs, *a, **k))
+    (tmp_path / "T2.jsonl").write_text("")  # nothing complete: every round runs again
+    again = run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path,
+                           resume=True, progress=False).summaries[2]
+    assert "unedited model: " not in calls and again["tf"] == first["tf"] and again["em"] == first["em"]
+    with torch.no_grad():
+        tiny.model.lm_head.weight[0, 0] += 1.0  # other weights: scored again
+        try:
+            calls.clear()
+            run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path,
+                           resume=True, progress=False)
+            assert "unedited model: " in calls
+        finally:
+            tiny.model.lm_head.weight[0, 0] -= 1.0
+    calls.clear()
+    run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path, resume=True,
+                   free_generation=False, progress=False)  # other probes settings: scored again
+    assert "unedited model: " in calls
+
+
 def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):
     from recipe.editors import load_editor
     from recipe.data import load_dataset

@@ -7,8 +7,10 @@ edit. Writes ``T<T>.jsonl`` (one line per case) and ``summary.json`` into ``out_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import statistics
@@ -23,7 +25,7 @@ from recipe.editors.base import Editor
 from recipe.editors.state_file import EditorStateError, load_state, save_state
 from recipe.errors import RecipeError
 from recipe.eval.metrics import exact_match, generate_for, generation_budget, locality_accuracy
-from recipe.lm import EditedLM
+from recipe.lm import EditedLM, TargetScore
 from recipe.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,44 @@ def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, progre
         gens = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs], bar=bar)
     bar.close()
     return scores, gens, (t1 - t0, time.perf_counter() - t1)
+
+
+def _model_fingerprint(lm: EditedLM) -> str:
+    """A cheap content hash of the weights (each parameter's name, shape and first 64 values)."""
+    h = hashlib.sha256()
+    for name, param in lm.model.named_parameters():
+        h.update(f"{name}{tuple(param.shape)}".encode())
+        h.update(param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out: Path | None, resume: bool,
+                     progress: bool) -> tuple[list[TargetScore], list[str] | None]:
+    """The unedited model's scores (and continuations) on the locality probes ``qs``.
+
+    With an output folder they are also kept in ``out/unedited.json`` with a key made of the weights'
+    fingerprint and the probes; a resumed run whose key matches reads them instead of scoring again
+    (minutes at T = 1,000 on a CPU)."""
+    key = hashlib.sha256(json.dumps([_model_fingerprint(lm), free_generation,
+                                     [(q.prompt, q.target, list(q.answers)) for q in qs]]).encode()).hexdigest()
+    path = out / "unedited.json" if out is not None else None
+    if resume and path is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            log.info("unedited model's locality record read from %s", path)
+            scores = [TargetScore(*(tuple(v) for v in s)) for s in saved["scores"]]
+            return scores, saved["generations"]
+    log.info("recording the unedited model on %d locality probes", len(qs))
+    scores, gens, _ = _score_queries(lm, qs, free_generation, progress=progress, desc="unedited model: ")
+    if path is not None:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"key": key, "generations": gens, "scores": [
+            [list(s.target_ids), list(s.predicted_ids), list(s.logprobs)] for s in scores]}))
+        os.replace(tmp, path)  # a crash never leaves a half-written record
+    return scores, gens
 
 
 def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_times) -> list[dict]:
@@ -261,9 +301,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     wanted = {i for idx in scored.values() for i in idx}
     pool_qs = [(j, q) for j, q in enumerate(_queries(pool)) if q.case in wanted]
     loc = [(j, q) for j, q in pool_qs if q.kind == "locality"]
-    log.info("recording the unedited model on %d locality probes", len(loc))
-    base_s, base_g, _ = _score_queries(lm, [q for _, q in loc], free_generation, progress=progress,
-                                       desc="unedited model: ")
+    base_s, base_g = _unedited_record(lm, [q for _, q in loc], free_generation, out, resume, progress)
     base_scores = {j: s for (j, _), s in zip(loc, base_s)}
     base_gens = {j: g for (j, _), g in zip(loc, base_g)} if base_g is not None else {}
 
