@@ -193,13 +193,14 @@ class EditedLM(nn.Module):
             handle.remove()
 
     def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      logits_to_keep: int = 0):
+                      logits_to_keep: int = 0, past_key_values=None):
         """The model's output when ``hidden`` (B, T, H) is the residual stream after decoder ``layer``:
         only the layers above it, the final norm and the head run.
 
         The decoder's layer list is swapped for its tail during the call (and restored), so the model's
         own forward builds the masks and rotary embeddings; callers that rely on it for exact results
-        check it against a full forward once (``GraceEditor``)."""
+        check it against a full forward once (``GraceEditor``, ``rank_one.compute_value``).
+        ``past_key_values``: keys/values of earlier positions for every layer (``FrozenPrefix``)."""
         parent, name = self.spec.layers.rsplit(".", 1)
         decoder, layers = self.module(parent), self.module(self.spec.layers)
         if not 0 <= layer < len(layers):
@@ -207,7 +208,8 @@ class EditedLM(nn.Module):
         setattr(decoder, name, nn.ModuleList(list(layers)[layer + 1:]))
         try:
             return self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                              logits_to_keep=logits_to_keep, use_cache=False)
+                              logits_to_keep=logits_to_keep, past_key_values=past_key_values,
+                              use_cache=past_key_values is not None)
         finally:
             setattr(decoder, name, layers)
 
@@ -295,28 +297,48 @@ class FrozenPrefix:
 
     The batch is ``texts`` + ``targets``, left-padded as in :meth:`EditedLM.target_logprobs`. Columns
     ``< split`` (left padding included) are run once without gradient and kept as attention keys/values;
-    :meth:`logprobs` runs only columns ``split..T-1`` on top of them, so any change made at a column
+    :meth:`logits` runs only columns ``split..T-1`` on top of them, so any change made at a column
     ``>= split`` (a hook adding ``δ`` there) is seen exactly as in a full forward. ``split = 0``: full
     forwards.
+
+    ``above``: also read the output of decoder layer ``above`` at columns ``>= split`` once, so that
+    ``logits(add=...)`` runs only the layers above it on that output plus ``add``
+    (:meth:`EditedLM.forward_above`): the same as a hook adding ``add`` to that layer's output.
     """
 
-    def __init__(self, lm: EditedLM, texts: Sequence[str], targets: Sequence[str], split: int):
+    def __init__(self, lm: EditedLM, texts: Sequence[str], targets: Sequence[str], split: int,
+                 above: int | None = None):
         self.lm, self.t_ids = lm, [lm.target_ids(t) for t in targets]
         self.embeds, self.mask, self.pos = lm.embed(list(texts), None, list(targets))  # (B, T, H), (B, T), (B, T)
         self.split = max(0, min(split, self.embeds.shape[1] - max(len(t) for t in self.t_ids) - 1))
-        self.kv = None
-        if self.split:
-            with torch.no_grad():
+        self.kv, self.above, self.z = None, above, None
+        with torch.no_grad():
+            if self.split:
                 out = lm.model(inputs_embeds=self.embeds[:, :self.split], attention_mask=self.mask[:, :self.split],
                                position_ids=self.pos[:, :self.split], use_cache=True, logits_to_keep=1)
-            self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            if above is not None:
+                with lm.layer_output(above) as got:
+                    self.logits()
+                self.z = got["z"].detach()  # (B, T - split, H)
+
+    def _cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(list(self.kv), config=self.lm.model.config) if self.split else None  # fresh each call
+
+    def logits(self, add: Tensor | None = None) -> Tensor:
+        """Logits (B, L + 1, V) of the last L + 1 columns (L: the longest target); ``add`` (B, T - split, H):
+        added to the output of decoder layer ``above``, running only the layers above it."""
+        s, L = self.split, max(len(t) for t in self.t_ids)
+        if add is not None:
+            if self.z is None:
+                raise RecipeError("FrozenPrefix.logits(add=...) needs the batch made with above=<layer>")
+            return self.lm.forward_above(self.above, self.z + add, self.mask, self.pos[:, s:], L + 1,
+                                         past_key_values=self._cache()).logits
+        return self.lm.model(inputs_embeds=self.embeds[:, s:], attention_mask=self.mask, position_ids=self.pos[:, s:],
+                             past_key_values=self._cache(), use_cache=bool(s), logits_to_keep=L + 1).logits
 
     def logprobs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """As :meth:`EditedLM.target_logprobs` for the whole batch (differentiable through columns >= split)."""
-        from transformers import DynamicCache
-
-        s, L = self.split, max(len(t) for t in self.t_ids)
-        cache = DynamicCache(list(self.kv), config=self.lm.model.config) if s else None  # fresh each call
-        out = self.lm.model(inputs_embeds=self.embeds[:, s:], attention_mask=self.mask, position_ids=self.pos[:, s:],
-                            past_key_values=cache, use_cache=bool(s), logits_to_keep=L + 1)
-        return self.lm._gold(out.logits, self.t_ids)
+        return self.lm._gold(self.logits(), self.t_ids)

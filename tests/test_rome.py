@@ -55,12 +55,18 @@ def test_value_with_the_frozen_prefix_equals_full_forwards(tiny, fact_token):
     assert full.delta.norm() > 0
     assert torch.allclose(full.delta, reused.delta, rtol=1e-4, atol=1e-5)
     assert abs(full.nll - reused.nll) < 1e-4
+    assert rank_one._LAYOUT_CHECKED[tiny.model][1] is True  # the steps ran only the layers above layer 1
     texts = [p + request.prompt for p in rank_one.CONTEXT_PREFIXES[:3]]
     batch = FrozenPrefix(tiny, texts, [request.target_new] * 3, split=4)
     assert batch.split == 4 and batch.embeds.shape[0] == 3
     with torch.no_grad():
         assert torch.allclose(batch.logprobs()[0], tiny.target_logprobs(texts, [request.target_new] * 3, prefixes=None)[0],
                               atol=1e-5)
+        above = FrozenPrefix(tiny, texts, [request.target_new] * 3, split=4, above=2)
+        assert above.z.shape[:2] == (3, above.embeds.shape[1] - 4)
+        assert torch.allclose(above.logits(add=torch.zeros_like(above.z)), batch.logits(), atol=1e-5)
+        with pytest.raises(RecipeError, match="above"):
+            batch.logits(add=torch.zeros(1))
 
 
 def test_memit_update_solves_its_normal_equations():

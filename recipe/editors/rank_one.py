@@ -11,9 +11,10 @@ The MLP output projection of layer l (``spec.mlp_out``, HF ``down_proj``, weight
   "{subject} is a" unchanged, a weight decay and a norm clamp (ROME eq. 4); :func:`compute_value`.
   Since ``W`` is linear, ``W k*`` is the mean of the unedited outputs over the prefixes, so ``v*`` is
   their mean after adding ``δ``. ``δ`` enters at the fact token only, so under causal attention the
-  positions before it do not depend on ``δ``: their keys/values are computed once per request and
-  every optimisation step runs the rest alone (:class:`recipe.lm.FrozenPrefix`; two thirds of the positions on
-  zsRE and CounterFact, same result up to float rounding).
+  positions before it do not depend on ``δ``, nor do the layers up to ``l``: per request, those are
+  computed once and every optimisation step runs the layers above ``l`` on the later columns, with
+  the essence prompt as one more row of the batch (:class:`_ReusedSteps`; same result up to float
+  rounding).
 - ``C = E[k kᵀ]``: the uncentred second moment of the keys over text from a :class:`CovarianceSource`
   (WikiText for real runs, random tokens in tests), cached on disk per model / layer / sample count;
   :class:`KeyCovariance`.
@@ -24,6 +25,7 @@ prompt; ``"last"`` uses the prompt's last token and needs no subject (ROME's ``f
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
@@ -165,6 +167,96 @@ def _kl_logprobs(lm: EditedLM, texts: Sequence[str]) -> Tensor:
     return torch.log_softmax(logits, -1)
 
 
+class _FullSteps:
+    """The reference objective: every step runs the whole batch with ``δ`` added by a hook at the fact
+    tokens, and the essence prompt in a second pass."""
+
+    def __init__(self, lm: EditedLM, module: torch.nn.Module, texts: list[str], idxs: list[int], target: str,
+                 kl: tuple[str, int] | None, delta: Tensor):
+        self.lm, self.texts, self.targets, self.kl = lm, texts, [target] * len(texts), kl
+        n_target = len(lm.target_ids(target))
+        self.rewrite_onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in texts], idxs)
+        if kl is not None:
+            self.kl_onehot = _onehot(lm, [len(lm.prompt_ids(kl[0]))], [kl[1]])
+        self.adder = _AddAt(delta)
+        self.handle = module.register_forward_hook(self.adder)
+
+    def __call__(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        self.adder.onehot = self.rewrite_onehot
+        logp, _, _, mask = self.lm.target_logprobs(self.texts, self.targets, prefixes=None)  # (B, L)
+        kl_logp = None
+        if self.kl is not None:
+            self.adder.onehot = self.kl_onehot
+            kl_logp = _kl_logprobs(self.lm, [self.kl[0]])
+        return logp, mask, kl_logp
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class _ReusedSteps:
+    """The same objective from inputs computed once per request (same values up to float rounding).
+
+    The essence prompt joins the batch as one more row (with the target after it; its logits where the
+    target starts are the next-token distribution after "{subject} is a"). Columns before the first
+    fact token are frozen (:class:`recipe.lm.FrozenPrefix`), and where the model's layout allows it
+    (checked once per model and layer against the hook) each step runs only the layers above ``layer``
+    on that layer's output plus ``δ`` at the fact tokens.
+    """
+
+    def __init__(self, lm: EditedLM, module: torch.nn.Module, texts: list[str], idxs: list[int], target: str,
+                 kl: tuple[str, int] | None, delta: Tensor, layer: int):
+        self.lm, self.n, self.delta = lm, len(texts), delta
+        rows, row_idxs = texts + ([kl[0]] if kl else []), idxs + ([kl[1]] if kl else [])
+        n_target = len(lm.target_ids(target))
+        onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in rows], row_idxs)  # (B, T, 1)
+        split = int(onehot[..., 0].argmax(1).min())  # earliest column where δ enters
+        self.batch = FrozenPrefix(lm, rows, [target] * len(rows), split, above=layer)
+        self.onehot = onehot[:, self.batch.split:]  # (B, T - split, 1)
+        self.adder, self.handle = _AddAt(delta), None
+        if not self._layout_ok(module, layer):
+            self.batch.above = self.batch.z = None
+            self.adder.onehot = self.onehot
+            self.handle = module.register_forward_hook(self.adder)
+
+    def _layout_ok(self, module: torch.nn.Module, layer: int) -> bool:
+        """Whether adding ``δ`` to ``layer``'s output equals adding it to ``module``'s (checked once per model)."""
+        seen = _LAYOUT_CHECKED.setdefault(self.lm.model, {})
+        if layer not in seen:
+            g = torch.Generator().manual_seed(0)
+            probe = torch.randn(self.delta.shape, generator=g).to(self.delta)
+            adder = _AddAt(probe)
+            adder.onehot = self.onehot
+            handle = module.register_forward_hook(adder)
+            try:
+                with torch.no_grad():
+                    want = self.batch.logits()
+            finally:
+                handle.remove()
+            with torch.no_grad():
+                got = self.batch.logits(add=self.onehot * probe)
+            seen[layer] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-3))
+            if not seen[layer]:
+                log.info("layer %d's output is not its input + MLP output on this model: δ steps run every layer", layer)
+        return seen[layer]
+
+    def __call__(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.handle is None:
+            logits = self.batch.logits(add=self.onehot * self.delta)  # (B, L + 1, V)
+        else:
+            logits = self.batch.logits()
+        logp, _, _, mask = self.lm._gold(logits[:self.n], self.batch.t_ids[:self.n])
+        kl_logp = torch.log_softmax(logits[self.n:, 0].float(), -1) if logits.shape[0] > self.n else None
+        return logp, mask, kl_logp
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+_LAYOUT_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
+
+
 def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
                   context_prefixes: Sequence[str] = CONTEXT_PREFIXES[:5], options: ValueOptions = ValueOptions(),
                   fact_token: FactToken = "subject_last", reuse_prefix: bool = True) -> Value:
@@ -173,40 +265,35 @@ def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
     ``δ = argmin  mean_j −log P[target | x_j + prompt, m += δ]  +  kl_factor · KL(P[· | s is a] ‖ P'[· | s is a])
     + weight_decay · ‖δ‖²/‖m‖²``, with ``‖δ‖ ≤ clamp_norm_factor · ‖m‖`` after every step, and
     ``v* = W k* + δ``. Without a subject (``fact_token="last"``) there is no essence prompt and no KL term.
-    ``reuse_prefix``: run the columns before the fact token once (:class:`recipe.lm.FrozenPrefix`); False: full
-    forwards at every step (the reference for tests).
+    ``reuse_prefix``: compute what does not change between steps once (:class:`_ReusedSteps`); False:
+    full forwards at every step (:class:`_FullSteps`, the reference for tests).
     """
     module = lm.module(lm.spec.mlp_out.format(layer))
     weight = module.weight
     texts, idxs = _texts_and_indices(lm, request, context_prefixes, fact_token)
-    targets = [request.target_new] * len(texts)
-    n_target = len(lm.target_ids(request.target_new))
-    rewrite_onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in texts], idxs)  # (B, T, 1)
-    fact_col = int(rewrite_onehot[..., 0].argmax(1).min())  # earliest column where δ enters
-    batch = FrozenPrefix(lm, texts, targets, fact_col if reuse_prefix else 0)
-    rewrite_onehot = rewrite_onehot[:, batch.split:]  # the hook sees the columns after the frozen ones
-    kl_texts = [KL_TEMPLATE.format(request.subject)] if request.subject is not None and options.kl_factor > 0 else []
-    if kl_texts:
-        kl_onehot = _onehot(lm, [len(lm.prompt_ids(kl_texts[0]))], [fact_index(lm, kl_texts[0], request.subject, fact_token)])
+    kl = None
+    if request.subject is not None and options.kl_factor > 0:
+        kl_text = KL_TEMPLATE.format(request.subject)
+        kl = (kl_text, fact_index(lm, kl_text, request.subject, fact_token))
         with torch.no_grad():
-            base_kl_logp = _kl_logprobs(lm, kl_texts)  # (1, V)
+            base_kl_logp = _kl_logprobs(lm, [kl_text])  # (1, V)
     m = capture(lm, lm.spec.mlp_out.format(layer), texts[:1], idxs[:1], what="output")[0]  # unedited output (d_out,)
     max_norm = options.clamp_norm_factor * m.norm()
     delta = torch.zeros_like(m, requires_grad=True)
-    adder = _AddAt(delta)
     opt = torch.optim.Adam([delta], lr=options.lr)
-    handle = module.register_forward_hook(adder)
+    if reuse_prefix:
+        objective = _ReusedSteps(lm, module, texts, idxs, request.target_new, kl, delta, layer)
+    else:
+        objective = _FullSteps(lm, module, texts, idxs, request.target_new, kl, delta)
     try:
         for step in range(options.steps):
             opt.zero_grad(set_to_none=True)
-            adder.onehot = rewrite_onehot
-            logp, _, _, mask = batch.logprobs()  # (B, L)
+            logp, mask, kl_logp = objective()  # (B, L), (B, L), (1, V) or None
             nll = -(logp * mask).sum() / mask.sum()
             loss = nll + options.weight_decay * delta.norm() ** 2 / m.norm() ** 2
-            if kl_texts:
-                adder.onehot = kl_onehot
-                kl = F.kl_div(_kl_logprobs(lm, kl_texts), base_kl_logp, log_target=True, reduction="batchmean")
-                loss = loss + options.kl_factor * kl
+            if kl_logp is not None:
+                kl_term = F.kl_div(kl_logp, base_kl_logp, log_target=True, reduction="batchmean")
+                loss = loss + options.kl_factor * kl_term
             if nll.item() < options.stop_loss:
                 break
             loss.backward()
@@ -215,7 +302,7 @@ def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
     finally:
-        handle.remove()
+        objective.close()
     log.debug("v* for %r: %d steps, nll %.4f, |δ| %.3f, |m| %.3f", request.prompt, step + 1, nll.item(),
               delta.norm().item(), m.norm().item())
     delta = delta.detach()
