@@ -75,6 +75,8 @@ def test_memit_update_solves_its_normal_equations():
                                                                                             dtype=torch.float64)
     dW = memit.memit_layer_update(C, K, R, mom2_weight=7.0)
     assert torch.allclose(dW @ (7.0 * C + K @ K.T), R @ K.T, atol=1e-10)  # MEMIT eq. 14
+    woodbury = memit.memit_layer_update(C, K, R, 7.0, cov_cholesky=torch.linalg.cholesky(7.0 * C))
+    assert torch.allclose(woodbury @ (7.0 * C + K @ K.T), R @ K.T, atol=1e-10)  # the same, per-layer factor
 
 
 def test_memit_writes_a_single_key_in_proportion_to_its_whitened_norm():
@@ -93,11 +95,12 @@ def test_memit_edit_updates_every_layer_by_its_normal_equations(tiny, monkeypatc
     calls = []
     real = memit.memit_layer_update
     monkeypatch.setattr(memit, "memit_layer_update",
-                        lambda C, K, R, lam: calls.append((C, K, R, lam, real(C, K, R, lam))) or calls[-1][-1])
+                        lambda C, K, R, lam, chol: calls.append((C, K, R, lam, real(C, K, R, lam, chol))) or calls[-1][-1])
     editor = load_editor("memit", tiny, {**STRONG, "layers": [1, 2], "mom2_update_weight": 100.0})
     requests = [REQUEST, EditRequest("Hey Jude was performed by", "Madonna", subject="Hey Jude")]
     editor.edit(requests)
     assert len(calls) == 2 and sorted(editor.snapshot.names) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    assert all(editor._cholesky[i] is not None for i in (1, 2))  # the per-layer factor was used
     for C, K, R, lam, dW in calls:
         assert K.shape == (tiny.model.config.intermediate_size, 2) and R.shape == (tiny.hidden_size, 2)
         assert torch.allclose(dW @ (lam * C.double() + K.double() @ K.double().T), R.double() @ K.double().T,

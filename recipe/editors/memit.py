@@ -49,9 +49,19 @@ class MEMITConfig(EditorConfig):
     n_cov_samples: int = 2000  # text samples behind C = E[k kᵀ]
 
 
-def memit_layer_update(cov: Tensor, keys: Tensor, resid: Tensor, mom2_weight: float) -> Tensor:
-    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT eq. 14) in float64; keys (d_in, n), resid (d_out, n) -> (d_out, d_in)."""
+def memit_layer_update(cov: Tensor, keys: Tensor, resid: Tensor, mom2_weight: float,
+                       cov_cholesky: Tensor | None = None) -> Tensor:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT eq. 14) in float64; keys (d_in, n), resid (d_out, n) -> (d_out, d_in).
+
+    ``cov_cholesky``: the Cholesky factor of λC (float64), computed once per layer. Then, by the
+    Woodbury identity, (λC + K Kᵀ)⁻¹ K = Y (I + Kᵀ Y)⁻¹ with Y = (λC)⁻¹ K: two triangular solves
+    against K (O(d² n)) instead of a dense (d, d) solve per edit (O(d³)).
+    """
     K, R = keys.double(), resid.double()
+    if cov_cholesky is not None:
+        Y = torch.cholesky_solve(K, cov_cholesky)  # (λC)⁻¹ K  (d_in, n)
+        AK = torch.linalg.solve(torch.eye(K.shape[1], dtype=K.dtype, device=K.device) + K.T @ Y, Y.T).T  # A⁻¹ K
+        return R @ AK.T  # R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ, A symmetric
     A = mom2_weight * cov.double() + K @ K.T  # λC + K Kᵀ  (d_in, d_in), symmetric
     return torch.linalg.solve(A, K @ R.T).T  # (A⁻¹ K Rᵀ)ᵀ = R Kᵀ A⁻¹
 
@@ -68,6 +78,7 @@ class MEMITEditor(RankOneEditor):
             raise RecipeError(f"no layers configured for 'memit' and model {lm.spec.name!r} has no edit_layers.memit "
                               "in configs/models/")
         self.layers = sorted({self.default_layer(layer) for layer in layers})
+        self._cholesky: dict[int, Tensor | None] = {}  # layer -> Cholesky factor of λC (None: not positive definite)
         for layer in self.layers:
             self.lm.module(self.lm.spec.mlp_out.format(layer))  # clear error if the path is wrong
 
@@ -90,7 +101,17 @@ class MEMITEditor(RankOneEditor):
                                 for r in requests], dim=1)  # K (d_in, n)
             resid = (z - self._hidden(requests, last)).T / (len(self.layers) - i)  # R (d_out, n), Alg. 1 line 9
             weight = self.snapshot.touch(f"{self.lm.spec.mlp_out.format(layer)}.weight")
-            update = memit_layer_update(self.covariance(layer), keys, resid, cfg.mom2_update_weight)
+            update = memit_layer_update(self.covariance(layer), keys, resid, cfg.mom2_update_weight,
+                                        self._cov_cholesky(layer))
             with torch.no_grad():
                 weight.add_(update.to(weight.dtype))
             log.debug("memit layer %d: |R| %.3f, |ΔW| %.3f", layer, resid.norm().item(), update.norm().item())
+
+    def _cov_cholesky(self, layer: int) -> Tensor | None:
+        """The Cholesky factor of λC for ``layer``, once; None where λC is not positive definite (dense solve)."""
+        if layer not in self._cholesky:
+            factor, info = torch.linalg.cholesky_ex(self.config.mom2_update_weight * self.covariance(layer).double())
+            self._cholesky[layer] = factor if int(info) == 0 else None
+            if int(info) != 0:
+                log.info("memit: λC of layer %d is not positive definite; dense solve per edit", layer)
+        return self._cholesky[layer]
