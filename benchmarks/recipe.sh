@@ -15,6 +15,9 @@ run() { name=$1; dataset=$2; shift 2
 run recipe-zsre-lifelong        zsre        --edits 1037 --resume
 run recipe-zsre                 zsre        --edits 1,10,100 --cases 100 --resume
 run recipe-counterfact-v2       counterfact --edits 1000 --cases 1000 --score-cases 300 --no-generation
+# CounterFact against the number of edits, and T = 1,000 with free generation (exact match beside teacher forcing)
+run recipe-counterfact          counterfact --edits 1,10,100 --cases 100 --resume
+run recipe-counterfact-gen      counterfact --edits 1000 --cases 1000 --score-cases 300
 # all 10,000 CounterFact edits (4 statements occur twice in the split: replace, not refuse)
 run recipe-counterfact-10k      counterfact --edits 10000 --cases 10000 --score-cases 300 --set duplicates=replace
 # RippleEdits recent test: all 1,266 edits applied, the queries of a seeded sample of 250 cases scored
