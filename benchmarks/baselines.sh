@@ -29,7 +29,7 @@ for e in $editors; do  # second pass: T=100, and T=1000 for FT-L
         run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100 --checkpoint-every 10 --save-states
         run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100 --checkpoint-every 10 ;;
     ft) run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100
-        run "$e-zsre-1000" --editor "$e" --dataset zsre --edits 1000 --no-generation ;;
+        run "$e-zsre-1000" --editor "$e" --dataset zsre --edits 1000 --checkpoint-every 100 --save-states ;;
     *)  run "$e-zsre-100" --editor "$e" --dataset zsre --edits 100
         run "$e-counterfact-100" --editor "$e" --dataset counterfact --edits 100 ;;
   esac

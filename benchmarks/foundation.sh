@@ -10,4 +10,4 @@ run() { name=$1; shift; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; 
 run ft-zsre          --editor ft   --dataset zsre        --edits 1,10,100 --cases 100
 run none-zsre        --editor none --dataset zsre        --edits 1037
 run none-counterfact --editor none --dataset counterfact --edits 1000
-run ft-counterfact   --editor ft   --dataset counterfact --edits 1,10,100 --cases 100  # not run yet (session 1 ran out of time)
+# FT-L on CounterFact: benchmarks/baselines.sh (ft-counterfact-small: T = 1, 10 on 20 cases; ft-counterfact-100)
