@@ -8,7 +8,7 @@ Parts of those passes never change within one edit, and each editor computes the
 (``reuse_inputs``, on by default):
 
 - ROME / MEMIT: the columns before the fact token (``recipe.lm.FrozenPrefix``);
-- T-Patcher at the last layer: the head on the layer's output read once (``HeadShortcut``), and the
+- T-Patcher at the last layer: the norm and head on the layer's output read once (``TPatcherEditor._step``), and the
   memory texts' MLP inputs kept between edits;
 - GRACE: only the layers above the codebook (``EditedLM.forward_above``).
 

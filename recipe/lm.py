@@ -59,6 +59,7 @@ class EditedLM(nn.Module):
         self.max_batch = max_batch  # rows per forward pass in score()/generate()
         self.prefix_provider: PrefixProvider | None = None
         self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate() and score()
+        self._residual_mlp: dict[int, bool] = {}  # layer -> mlp_output_is_residual(layer), checked once
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -192,14 +193,35 @@ class EditedLM(nn.Module):
         finally:
             handle.remove()
 
+    def mlp_output_is_residual(self, layer: int) -> bool:
+        """Whether a vector added to ``layer``'s MLP output reaches the residual stream unchanged, as in
+        Llama, so that adding it to the decoder layer's output is the same (the premise of
+        :meth:`forward_above`-based shortcuts in ROME/MEMIT, T-Patcher and GRACE). Gemma-3 normalises the
+        MLP output: False. Checked once per layer on a probe sentence, against a hook on the MLP."""
+        if layer not in self._residual_mlp:
+            embeds, mask, pos = self.embed(["The capital of France is"], prefixes=None)
+            add = torch.randn(self.hidden_size, generator=torch.Generator().manual_seed(0)).to(embeds)
+            mlp = self.module(self.spec.mlp_out.format(layer).rsplit(".", 1)[0])
+            handle = mlp.register_forward_hook(lambda module, args, out: out + add)
+            try:
+                with torch.no_grad():
+                    want = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+            finally:
+                handle.remove()
+            with torch.no_grad(), self.layer_output(layer) as got:
+                self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+                shortcut = self.forward_above(layer, got["z"] + add, mask, pos).logits
+            self._residual_mlp[layer] = bool(torch.allclose(want, shortcut, rtol=1e-4, atol=1e-3))
+        return self._residual_mlp[layer]
+
     def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
                       logits_to_keep: int = 0, past_key_values=None):
         """The model's output when ``hidden`` (B, T, H) is the residual stream after decoder ``layer``:
         only the layers above it, the final norm and the head run.
 
         The decoder's layer list is swapped for its tail during the call (and restored), so the model's
-        own forward builds the masks and rotary embeddings; callers that rely on it for exact results
-        check it against a full forward once (``GraceEditor``, ``rank_one.compute_value``).
+        own forward builds the masks and rotary embeddings (:meth:`mlp_output_is_residual` checks it
+        against a full forward).
         ``past_key_values``: keys/values of earlier positions for every layer (``FrozenPrefix``)."""
         parent, name = self.spec.layers.rsplit(".", 1)
         decoder, layers = self.module(parent), self.module(self.spec.layers)

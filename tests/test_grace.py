@@ -113,7 +113,7 @@ def test_training_on_the_layers_above_gives_the_same_values_and_gradients(one_th
     for request in (A, B, EditRequest("The Eiffel Tower is in", "Berlin")):
         full.edit([request])
         fast.edit([request])
-    assert fast._upper_ok is True and full._upper_ok is None
+    assert lm_fast.mlp_output_is_residual(fast.layer) is True  # so the fast editor trained on the layers above
     assert torch.allclose(full.codebook.values, fast.codebook.values, atol=1e-3)
     assert torch.equal(full.codebook.radii, fast.codebook.radii) and full.codebook.labels == fast.codebook.labels
     wide = _grace(tiny_lm(), eps_init=1.0e4, steps=1)  # one entry whose radius covers every position

@@ -212,9 +212,9 @@ def test_frozen_prompt_columns_give_the_same_loss_and_gradients():
         grads = torch.autograd.grad(nll + x_e.sum() * 0, [patch.key, patch.bias, patch.value])
         results.append((nll.detach(), x_e.detach(), grads))
     wrapper.training_patch = None
-    shortcut = editor._shortcut(wrapper, batch)  # z and x read once; the step is head(norm(z + patch(x)))
-    assert editor._shortcut_ok is True
-    nll, x_e = shortcut(patch)
+    batch = editor._edit_batch(JUDE)  # z and x read once; the step is head(norm(z + patch(x)))
+    assert batch.z is not None and lm.mlp_output_is_residual(3) is True
+    nll, x_e = editor._step(wrapper, batch, results[0][1], patch)
     results.append((nll.detach(), x_e.detach(), torch.autograd.grad(nll, [patch.key, patch.bias, patch.value])))
     (nll_a, x_a, g_a), *others = results
     assert g_a[2].abs().sum() > 0
@@ -222,4 +222,4 @@ def test_frozen_prompt_columns_give_the_same_loss_and_gradients():
         assert torch.allclose(nll_a, nll_b, atol=1e-6) and torch.allclose(x_a, x_b, atol=1e-5)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_a, g_b))
     editor.layer = 2  # not the last layer: no shortcut
-    assert editor._shortcut(wrapper, batch) is None
+    assert editor._edit_batch(JUDE).z is None

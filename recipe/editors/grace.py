@@ -26,9 +26,9 @@ keep unrelated inputs out.
 
 Speed (same values up to float rounding): training changes one entry's value, which enters the
 residual stream only at the positions that hit that entry. The layer's output is read once per edit
-and each step adds ``hit · (v − v₀)`` to it and runs the layers above (``EditedLM.forward_above``);
-checked against a full forward once per editor (:meth:`GraceEditor._upper_ok`), for decoders whose
-MLP output enters the residual stream unnormalised, as in Llama; otherwise full forwards.
+and each step adds ``hit · (v − v₀)`` to it and runs the layers above (``EditedLM.forward_above``),
+where the MLP output enters the residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`,
+as in Llama); otherwise full forwards.
 
 ``rollback`` puts the original module back. Entries can be shared by several edits (expansion) and
 splits shrink neighbours' radii, so single edits cannot be undone exactly: ``remove`` is refused.
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.errors import IncompatibleError, RecipeError
+from recipe.lm import FrozenPrefix
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,6 @@ class GraceEditor(Editor):
         if not isinstance(proj, nn.Linear):
             raise RecipeError(f"grace needs {self.path} to be a Linear layer, got {type(proj).__name__}")
         self.codebook: GraceCodebook | None = None
-        self._upper_ok: bool | None = None  # _UpperSteps agrees with a full forward on this model
 
     # ---- module swap -------------------------------------------------------------------------
     def _install(self) -> GraceCodebook:
@@ -182,22 +182,11 @@ class GraceEditor(Editor):
         return logp, mask
 
     def _steps(self, book: GraceCodebook, entry: int, request: EditRequest):
-        """``value -> (logp, mask)`` for the training loop: an :class:`_UpperSteps` where checked, else full forwards."""
-        if not self.reuse_inputs or self._upper_ok is False:
-            return lambda value: self._full_logprobs(request)
-        try:
-            upper = _UpperSteps(self.lm, book, entry, request, self.layer)
-        except (AttributeError, KeyError, TypeError) as err:
-            log.info("grace: no layer shortcut for this model (%s); full forwards", err)
-            self._upper_ok = False
-            return lambda value: self._full_logprobs(request)
-        if self._upper_ok is None:
-            self._upper_ok = upper.matches(lambda: self._full_logprobs(request))
-            if not self._upper_ok:
-                log.info("grace: layer %d's output is not its input + MLP output on this model; full forwards",
-                         self.layer)
-                return lambda value: self._full_logprobs(request)
-        return upper
+        """``value -> (logp, mask)`` for the training loop: an :class:`_UpperSteps` where the layout allows
+        it, else full forwards."""
+        if self.reuse_inputs and self.lm.mlp_output_is_residual(self.layer):
+            return _UpperSteps(self.lm, book, entry, request, self.layer)
+        return lambda value: self._full_logprobs(request)
 
     def _train_value(self, book: GraceCodebook, entry: int, request: EditRequest) -> Tensor:
         value = book.values[entry].detach().clone().requires_grad_(True)
@@ -252,46 +241,24 @@ class GraceEditor(Editor):
 class _UpperSteps:
     """Target log-probs while one codebook value trains, running only the layers above the codebook.
 
-    ``z`` (1, T, H): the output of decoder ``layer`` on prompt + target with the codebook applied and
-    the entry's value at ``v0`` (its value when this object is made); ``hit`` (T,): the positions whose
-    nearest key is ``entry`` within its radius (keys and radii do not change while the value trains).
-    A step's layer output is ``z + hit · (v − v0)``, fed to :meth:`EditedLM.forward_above`.
+    ``batch.z`` (1, T, H): the output of decoder ``layer`` on prompt + target with the codebook applied
+    and the entry's value at ``v0`` (its value when this object is made); ``hit`` (1, T, 1): the
+    positions whose nearest key is ``entry`` within its radius (keys and radii do not change while the
+    value trains). A step adds ``hit · (v − v0)`` to that output (:meth:`FrozenPrefix.logits`).
     """
 
     def __init__(self, lm, book: GraceCodebook, entry: int, request: EditRequest, layer: int):
-        self.lm, self.book, self.entry, self.layer = lm, book, entry, layer
-        self.t_ids = [lm.target_ids(request.target_new)]
-        self.embeds, self.mask, self.pos = lm.embed([request.prompt], None, [request.target_new])
+        self.lm = lm
         self.v0 = book.training_value[1].detach().clone()
         book.capture = True
         try:
-            with torch.no_grad(), lm.layer_output(layer) as got:
-                lm.model(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.pos, use_cache=False,
-                         logits_to_keep=1)
-            x = book.captured[0]  # (T, d_in)
-            self.z = got["z"].detach()  # (1, T, H)
-            dist, idx = book.nearest(x)
-            self.hit = ((idx == entry) & (dist <= book.radii[idx])).to(self.z.dtype)[None, :, None]  # (1, T, 1)
+            self.batch = FrozenPrefix(lm, [request.prompt], [request.target_new], 0, above=layer)
+            dist, idx = book.nearest(book.captured[0])  # the codebook's inputs (T, d_in)
         finally:
             book.capture, book.captured = False, None
+        self.hit = ((idx == entry) & (dist <= book.radii[idx])).to(self.batch.z.dtype)[None, :, None]  # (1, T, 1)
 
     def __call__(self, value: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.z + self.hit * (value - self.v0).to(self.z.dtype)
-        L = len(self.t_ids[0])
-        out = self.lm.forward_above(self.layer, z, self.mask, self.pos, logits_to_keep=L + 1)
-        logp, _, _, mask = self.lm._gold(out.logits, self.t_ids)
+        logits = self.batch.logits(add=self.hit * (value - self.v0).to(self.batch.z.dtype))
+        logp, _, _, mask = self.lm._gold(logits, self.batch.t_ids)
         return logp, mask
-
-    def matches(self, full) -> bool:
-        """Whether a moved value gives the same log-probs here and in ``full()`` (a full forward)."""
-        g = torch.Generator().manual_seed(0)
-        probe = self.v0 + torch.randn(self.v0.shape, generator=g).to(self.v0) * (self.v0.norm() / self.v0.numel() ** 0.5)
-        entry, before = self.book.training_value
-        self.book.training_value = (entry, probe)
-        try:
-            with torch.no_grad():
-                want, _ = full()
-                got, _ = self(probe)
-        finally:
-            self.book.training_value = (entry, before)
-        return bool(self.hit.any()) and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))

@@ -25,7 +25,6 @@ prompt; ``"last"`` uses the prompt's last token and needs no subject (ROME's ``f
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
@@ -199,9 +198,9 @@ class _ReusedSteps:
 
     The essence prompt joins the batch as one more row (with the target after it; its logits where the
     target starts are the next-token distribution after "{subject} is a"). Columns before the first
-    fact token are frozen (:class:`recipe.lm.FrozenPrefix`), and where the model's layout allows it
-    (checked once per model and layer against the hook) each step runs only the layers above ``layer``
-    on that layer's output plus ``δ`` at the fact tokens.
+    fact token are frozen (:class:`recipe.lm.FrozenPrefix`), and where the MLP output is added to the
+    residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`) each step runs only the layers
+    above ``layer`` on that layer's output plus ``δ`` at the fact tokens; otherwise a hook adds ``δ``.
     """
 
     def __init__(self, lm: EditedLM, module: torch.nn.Module, texts: list[str], idxs: list[int], target: str,
@@ -211,34 +210,14 @@ class _ReusedSteps:
         n_target = len(lm.target_ids(target))
         onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in rows], row_idxs)  # (B, T, 1)
         split = int(onehot[..., 0].argmax(1).min())  # earliest column where δ enters
-        self.batch = FrozenPrefix(lm, rows, [target] * len(rows), split, above=layer)
+        above = layer if lm.mlp_output_is_residual(layer) else None
+        self.batch = FrozenPrefix(lm, rows, [target] * len(rows), split, above=above)
         self.onehot = onehot[:, self.batch.split:]  # (B, T - split, 1)
-        self.adder, self.handle = _AddAt(delta), None
-        if not self._layout_ok(module, layer):
-            self.batch.above = self.batch.z = None
-            self.adder.onehot = self.onehot
-            self.handle = module.register_forward_hook(self.adder)
-
-    def _layout_ok(self, module: torch.nn.Module, layer: int) -> bool:
-        """Whether adding ``δ`` to ``layer``'s output equals adding it to ``module``'s (checked once per model)."""
-        seen = _LAYOUT_CHECKED.setdefault(self.lm.model, {})
-        if layer not in seen:
-            g = torch.Generator().manual_seed(0)
-            probe = torch.randn(self.delta.shape, generator=g).to(self.delta)
-            adder = _AddAt(probe)
+        self.handle = None
+        if above is None:
+            adder = _AddAt(delta)
             adder.onehot = self.onehot
-            handle = module.register_forward_hook(adder)
-            try:
-                with torch.no_grad():
-                    want = self.batch.logits()
-            finally:
-                handle.remove()
-            with torch.no_grad():
-                got = self.batch.logits(add=self.onehot * probe)
-            seen[layer] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-3))
-            if not seen[layer]:
-                log.info("layer %d's output is not its input + MLP output on this model: δ steps run every layer", layer)
-        return seen[layer]
+            self.handle = module.register_forward_hook(adder)
 
     def __call__(self) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.handle is None:
@@ -252,9 +231,6 @@ class _ReusedSteps:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.remove()
-
-
-_LAYOUT_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
 
 
 def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,

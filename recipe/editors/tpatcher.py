@@ -33,11 +33,10 @@ neuron at its own position and the other target positions join ``a_m``.
 Speed (same results up to float rounding): the memory texts' MLP inputs do not depend on patches at
 this layer, so each text is run once and its rows are kept while the weights below stay the same; and
 when the patched layer is the last one, a patch changes nothing that earlier positions or layers pass
-on: its MLP inputs ``x`` and the decoder's output ``z`` at the positions that predict the target are
-read once per edit, and each training step computes only ``head(norm(z + relu(x Kᵀ + b) V))``
-(:class:`HeadShortcut`; checked against a full forward once per editor, for decoders whose MLP
-output enters the residual stream unnormalised, as in Llama; otherwise the prompt's columns before
-its last token are still run once, :class:`recipe.lm.FrozenPrefix`).
+on: the prompt's columns before its last token are run once (:class:`recipe.lm.FrozenPrefix`), and
+where the MLP output enters the residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`,
+as in Llama) the layer's output ``z`` is read once too, so each training step computes only the final
+norm and head on ``z + relu(x Kᵀ + b) V`` (:meth:`TPatcherEditor._step`).
 
 The layer's MLP module is swapped for a :class:`PatchedMLP` that holds the original module; rollback
 puts the original object back. Each edit id is one patch, so ``remove`` undoes single edits.
@@ -137,50 +136,6 @@ class PatchedMLP(nn.Module):
         return None if p is None else (p.key, p.bias, p.value)
 
 
-class HeadShortcut:
-    """Target log-probs with a training patch at the LAST layer, from inputs read once per edit.
-
-    ``z`` (n, H): the last decoder layer's output with the frozen patches, ``x`` (n, d_in): its MLP
-    input, both at the batch's last n_t + 1 positions. With the training patch the output is
-    ``z + relu(x Kᵀ + b) V`` (the MLP output is added to the residual stream), then the final norm and
-    the LM head. :meth:`matches` checks that against a full forward.
-    """
-
-    def __init__(self, lm, wrapper: PatchedMLP, batch: FrozenPrefix, layer: int):
-        self.lm, self.t_ids = lm, batch.t_ids
-        self.norm, self.head = lm.model.get_decoder().norm, lm.model.get_output_embeddings()
-        n = len(batch.t_ids[0]) + 1
-        wrapper.capture = True
-        try:
-            with torch.no_grad(), lm.layer_output(layer) as got:
-                batch.logprobs()
-            self.z, self.x = got["z"][0, -n:].detach(), wrapper.captured[0, -n:].detach()  # (n, H), (n, d_in)
-        finally:
-            wrapper.capture, wrapper.captured = False, None
-
-    def __call__(self, patch: Patch) -> tuple[Tensor, Tensor]:
-        """As :meth:`TPatcherEditor._edit_forward` with ``patch`` in training: NLL and x_e (n_t, d_in)."""
-        z = self.z + torch.relu(self.x @ patch.key.T + patch.bias) @ patch.value  # (n, H)
-        logp, _, _, mask = self.lm._gold(self.head(self.norm(z))[None], self.t_ids)  # (1, n_t)
-        return -(logp * mask).sum() / mask.sum(), self.x[:-1]
-
-    def matches(self, wrapper: PatchedMLP, batch: FrozenPrefix, edit_forward) -> bool:
-        """Whether a random patch gives the same NLL here and in a full forward (decoder layout check)."""
-        g = torch.Generator().manual_seed(0)
-        d_in, d_out = self.x.shape[1], self.z.shape[1]
-        probe = Patch(torch.randn(2, d_in, generator=g).to(self.x) / d_in ** 0.5, torch.ones(2).to(self.x),
-                      torch.randn(2, d_out, generator=g).to(self.z))
-        wrapper.training_patch = probe
-        try:
-            with torch.no_grad():
-                full, _ = edit_forward(wrapper, batch)
-        finally:
-            wrapper.training_patch = None
-        with torch.no_grad():
-            fast, _ = self(probe)
-        return bool(torch.allclose(full, fast, rtol=1e-4, atol=1e-4))
-
-
 def _topk_mean(x: Tensor, k: int) -> Tensor:
     x = x.reshape(-1)
     return x.topk(min(k, x.numel())).values.mean()
@@ -206,7 +161,6 @@ class TPatcherEditor(Editor):
         self.memory_prompts: list[str] = []  # prompts of earlier edits (memory bank)
         self._memory_rows: dict[str, Tensor] = {}  # memory text -> its MLP inputs at self.layer (tokens, d_in)
         self._memory_signature: object = None  # what those inputs depend on (see _input_signature)
-        self._shortcut_ok: bool | None = None  # HeadShortcut agrees with a full forward on this model
 
     # ---- module swap -------------------------------------------------------------------------
     def mlp_path(self, layer: int) -> str:
@@ -319,30 +273,27 @@ class TPatcherEditor(Editor):
         return rows
 
     def _edit_batch(self, request: EditRequest) -> FrozenPrefix:
-        """The edit's prompt + target; with the last layer patched, the prompt's columns before its last
-        token are run once (a patch there changes only those positions' own logits)."""
-        n_t = len(self.lm.target_ids(request.target_new))
-        split = len(self.lm.prompt_ids(request.prompt)) - 1
-        last = self.layer == self.default_layer(-1) and self.reuse_inputs
-        log.debug("tpatcher: %d target tokens, %d prompt columns frozen", n_t, split if last else 0)
-        return FrozenPrefix(self.lm, [request.prompt], [request.target_new], split if last else 0)
+        """The edit's prompt + target. With the last layer patched (a patch there changes only each
+        position's own logits), the prompt's columns before its last token are run once and, where the
+        MLP output is residual, the layer's output is read once (``batch.z``, used by :meth:`_step`).
+        Made before the training patch is installed."""
+        if not (self.reuse_inputs and self.layer == self.default_layer(-1)):
+            return FrozenPrefix(self.lm, [request.prompt], [request.target_new], 0)
+        above = self.layer if self.lm.mlp_output_is_residual(self.layer) else None
+        return FrozenPrefix(self.lm, [request.prompt], [request.target_new], len(self.lm.prompt_ids(request.prompt)) - 1,
+                            above=above)
 
-    def _shortcut(self, wrapper: PatchedMLP, batch: FrozenPrefix) -> HeadShortcut | None:
-        """A :class:`HeadShortcut` for this edit when the last layer is patched and the model's layout allows it."""
-        if not self.reuse_inputs or self.layer != self.default_layer(-1) or self._shortcut_ok is False:
-            return None
-        try:
-            shortcut = HeadShortcut(self.lm, wrapper, batch, self.layer)
-        except (AttributeError, KeyError, TypeError) as err:  # no get_decoder().norm / output embeddings
-            log.info("tpatcher: no head shortcut for this model (%s); full forwards", err)
-            self._shortcut_ok = False
-            return None
-        if self._shortcut_ok is None:
-            self._shortcut_ok = shortcut.matches(wrapper, batch, self._edit_forward)
-            if not self._shortcut_ok:
-                log.info("tpatcher: the last layer's output is not z + MLP change on this model; full forwards")
-                return None
-        return shortcut
+    def _step(self, wrapper: PatchedMLP, batch: FrozenPrefix, x_e: Tensor, patch: Patch) -> tuple[Tensor, Tensor]:
+        """A training step's target NLL and x_e. With ``batch.z`` (the last layer's output without this
+        patch, at the n_t + 1 columns after the prompt's frozen ones) the patch's output at the n_t
+        positions that predict the target is added to it and only the norm and head run; otherwise a
+        forward pass with the patch installed."""
+        if batch.z is None:
+            return self._edit_forward(wrapper, batch)
+        out = torch.relu(x_e @ patch.key.T + patch.bias) @ patch.value  # (n_t, H)
+        add = torch.cat([out, out.new_zeros(1, out.shape[1])])[None]  # the last column predicts no target token
+        logp, _, _, mask = self.lm._gold(batch.logits(add=add), batch.t_ids)
+        return -(logp * mask).sum() / mask.sum(), x_e
 
     def _edit_forward(self, wrapper: PatchedMLP, batch: FrozenPrefix) -> tuple[Tensor, Tensor]:
         """Target NLL and the MLP inputs (n_t, d_in) at the positions that predict the target tokens."""
@@ -360,7 +311,6 @@ class TPatcherEditor(Editor):
         cfg = self.config
         memory = self._memory_inputs(wrapper, request.prompt)  # (M, d_in)
         batch = self._edit_batch(request)
-        shortcut = self._shortcut(wrapper, batch)
         with torch.no_grad():
             _, x_e = self._edit_forward(wrapper, batch)  # (n_t, d_in)
         anchors = x_e if cfg.neurons == "per_target_token" else x_e[:1]  # (n, d_in); [:1]: the prompt's last token
@@ -373,7 +323,7 @@ class TPatcherEditor(Editor):
         try:
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
-                nll, x_e = shortcut(patch) if shortcut is not None else self._edit_forward(wrapper, batch)
+                nll, x_e = self._step(wrapper, batch, x_e, patch)
                 a_e, a_m = self._activations(patch, x_e, memory)
                 if self._done(nll, a_e, a_m):
                     break
