@@ -45,6 +45,27 @@ class TargetScore:
         return hits / len(self.target_ids)
 
 
+def _contiguous_head_input(model: nn.Module) -> None:
+    """Make the output head's input contiguous before its matmul (a forward pre-hook, added once per model).
+
+    Hugging Face models apply the head to ``hidden[:, -k:]`` (``logits_to_keep``), a strided view when a
+    batch has more than k columns. ``torch.matmul`` then runs a batched matmul over a broadcast copy of the
+    (vocab, hidden) weight instead of one matrix product: on CPU (torch 2.13, SmolLM2, 6 rows, k = 2) 344 ms
+    against 82 ms, forward and backward alike. The values are the same.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_recipe_contiguous_input", False):
+        return
+
+    def hook(module, args):
+        if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    head.register_forward_pre_hook(hook)
+    head._recipe_contiguous_input = True
+
+
 class EditedLM(nn.Module):
     """A HF causal LM + tokenizer, with an optional per-prompt prefix of continuous embeddings."""
 
@@ -60,6 +81,7 @@ class EditedLM(nn.Module):
         self.prefix_provider: PrefixProvider | None = None
         self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate() and score()
         self._residual_mlp: dict[int, bool] = {}  # layer -> mlp_output_is_residual(layer), checked once
+        _contiguous_head_input(model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 

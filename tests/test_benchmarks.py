@@ -268,3 +268,31 @@ def test_editor_speed_small(data_dir, tmp_path, benchmark_script):
     assert "| tpatcher | 2 |" in table and "| grace | 2 |" in table
     with pytest.raises(SystemExit):
         bench.main(["--editors", "ft", "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+
+
+def test_benchmark_scripts_parse_and_reproduce_every_t1000_result():
+    """Every committed T=1000 result has the command that made it in a benchmarks/*.sh line whose
+    editor and dataset match the run's own run.json; every script is valid bash."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    lines = {}
+    for script in sorted(bench.glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        for line in script.read_text().splitlines():
+            m = re.match(r"\s*g?run\s+(\S+)\s+(.*)", line)
+            if m:
+                lines[m.group(1)] = m.group(2).split()
+    results = sorted(p for group in ("baselines", "general") for p in (bench / "results" / group).glob("*-1000"))
+    assert results
+    for result in results:
+        assert result.name in lines, f"no benchmarks/*.sh line reproduces {result}"
+        argv = json.loads((result / "run.json").read_text())["argv"]
+        for flag in ("--editor", "--dataset", "--edits"):
+            got = lines[result.name]
+            assert got[got.index(flag) + 1] == argv[argv.index(flag) + 1], (result.name, flag)

@@ -91,3 +91,24 @@ def test_bad_input_gives_recipe_error(tiny, call):
 
 def test_empty_prompt_list_gives_empty_result(tiny):
     assert tiny.generate([]) == [] and tiny.score([], []) == []
+
+
+def test_head_input_made_contiguous_once_with_equal_logits(tiny):
+    """logits_to_keep slices a strided view of the hidden states; EditedLM makes it contiguous before the
+    head (a plain matrix product instead of a batched one over a broadcast weight), values unchanged."""
+    from recipe.lm import EditedLM
+
+    head = tiny.model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    EditedLM(tiny.model, tiny.tokenizer, tiny.spec)  # a second wrapper adds no second hook
+    assert len(head._forward_pre_hooks) == 2
+    ids = tiny.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        kept = tiny.model(**ids, logits_to_keep=2).logits
+        full = tiny.model(**ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -2:], rtol=1e-5, atol=1e-5)
+    hidden = torch.randn(3, 5, head.in_features)[:, -2:]  # strided, as HF slices it
+    assert not hidden.is_contiguous()
+    torch.testing.assert_close(head(hidden), hidden @ head.weight.T, rtol=1e-5, atol=1e-5)
