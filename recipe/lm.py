@@ -201,7 +201,7 @@ class EditedLM(nn.Module):
         L = max(len(t) for t in t_ids)
         embeds, mask, pos = self.embed(prompts, prefixes, targets)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                         logits_to_keep=L + 1, use_cache=False)
+                         logits_to_keep=self.target_columns(L), use_cache=False)
         return self._gold(out.logits, t_ids)
 
     @contextmanager
@@ -237,7 +237,7 @@ class EditedLM(nn.Module):
         return self._residual_mlp[layer]
 
     def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      logits_to_keep: int = 0, past_key_values=None):
+                      logits_to_keep: int | Tensor = 0, past_key_values=None):
         """The model's output when ``hidden`` (B, T, H) is the residual stream after decoder ``layer``:
         only the layers above it, the final norm and the head run.
 
@@ -257,15 +257,30 @@ class EditedLM(nn.Module):
         finally:
             setattr(decoder, name, layers)
 
-    def _gold(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``target_logprobs``'s outputs from the last ``L + 1`` positions' logits (B, L + 1, V)."""
+    def target_columns(self, L: int) -> Tensor:
+        """``logits_to_keep`` for the L columns whose logits predict the L (right-aligned) target slots of a
+        prompt + target batch: the last L + 1 but one (the last column predicts past the target). The head
+        then runs on L columns only, not L + 1 (half the vocab projection for one-token targets)."""
+        return torch.arange(-L - 1, -1, device=self.device)
+
+    def target_slots(self, t_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Right-aligned target token ids (B, L) (padding id where a target is shorter than L) and the
+        mask (B, L) of real target tokens, for the logits of :meth:`target_columns`."""
         L = max(len(t) for t in t_ids)
-        logits = logits[:, -L - 1:-1].float()  # (B, L, V): position j predicts target slot j
         labels = torch.full((len(t_ids), L), self.tokenizer.pad_token_id, device=self.device)
         tmask = torch.zeros(len(t_ids), L, device=self.device)
         for i, t in enumerate(t_ids):
             labels[i, L - len(t):] = torch.tensor(t, device=self.device)
             tmask[i, L - len(t):] = 1
+        return labels, tmask
+
+    def _gold(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``target_logprobs``'s outputs from the logits (B, L, V) of :meth:`target_columns`."""
+        L = max(len(t) for t in t_ids)
+        if logits.shape[1] != L:
+            raise RecipeError(f"expected the logits of the {L} target columns, got {logits.shape[1]}")
+        logits = logits.float()  # (B, L, V): column j predicts target slot j
+        labels, tmask = self.target_slots(t_ids)
         logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # (B, L)
         return logp, logits.argmax(-1), labels, tmask
 
@@ -279,7 +294,7 @@ class EditedLM(nn.Module):
         P = mask.shape[1] - embeds.shape[1]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # positions continue after each row's prefix
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         logits_to_keep=max(len(t) for t in t_ids) + 1)
+                         logits_to_keep=self.target_columns(max(len(t) for t in t_ids)))
         return self._gold(out.logits, t_ids)
 
     def _cached_inputs(self, prompts: Sequence[str], prefs: list[Tensor | None], targets: Sequence[str] | None = None,
@@ -372,16 +387,17 @@ class FrozenPrefix:
         return DynamicCache(list(self.kv), config=self.lm.model.config) if self.split else None  # fresh each call
 
     def logits(self, add: Tensor | None = None) -> Tensor:
-        """Logits (B, L + 1, V) of the last L + 1 columns (L: the longest target); ``add`` (B, T - split, H):
-        added to the output of decoder layer ``above``, running only the layers above it."""
-        s, L = self.split, max(len(t) for t in self.t_ids)
+        """Logits (B, L, V) of the columns that predict the target slots (L: the longest target;
+        :meth:`EditedLM.target_columns`); ``add`` (B, T - split, H): added to the output of decoder layer
+        ``above``, running only the layers above it."""
+        s, keep = self.split, self.lm.target_columns(max(len(t) for t in self.t_ids))
         if add is not None:
             if self.z is None:
                 raise RecipeError("FrozenPrefix.logits(add=...) needs the batch made with above=<layer>")
-            return self.lm.forward_above(self.above, self.z + add, self.mask, self.pos[:, s:], L + 1,
+            return self.lm.forward_above(self.above, self.z + add, self.mask, self.pos[:, s:], keep,
                                          past_key_values=self._cache()).logits
         return self.lm.model(inputs_embeds=self.embeds[:, s:], attention_mask=self.mask, position_ids=self.pos[:, s:],
-                             past_key_values=self._cache(), use_cache=bool(s), logits_to_keep=L + 1).logits
+                             past_key_values=self._cache(), use_cache=bool(s), logits_to_keep=keep).logits
 
     def logprobs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """As :meth:`EditedLM.target_logprobs` for the whole batch (differentiable through columns >= split)."""

@@ -270,6 +270,19 @@ def test_editor_speed_small(data_dir, tmp_path, benchmark_script):
         bench.main(["--editors", "ft", "--out", str(out)])
 
 
+def test_code_speed_same_code_both_sides(data_dir, tmp_path, benchmark_script):
+    # The same checkout on both sides: the edits must agree to the last bit of the log-prob.
+    bench = benchmark_script("code_speed")
+    out = tmp_path / "code"
+    assert bench.main(["--old", str(bench.ROOT), "--editors", "ft", "--dataset", "zsre", "--edits", "1",
+                       "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    r = json.loads((out / "ft-zsre.json").read_text())
+    assert len(r["old"]["times"]) == len(r["new"]["times"]) == 1 and r["speedup"] > 0
+    assert r["max_abs_dlogp"] == 0.0 and len(r["old"]["logp"]) == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--editors", "ft"])  # no --old
+
+
 # ---------------------------------------------------------------------------------------------- scripts
 
 

@@ -48,15 +48,10 @@ def target_logits(lm: EditedLM, prompts: Sequence[str], targets: Sequence[str], 
     t_ids = [lm.target_ids(t) for t in targets]
     n_slots = max(len(t) for t in t_ids)
     embeds, mask, pos = lm.embed(prompts, prefixes, targets)
-    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=n_slots + 1,
-                   use_cache=False)
-    logits = out.logits[:, :-1].float()  # (N, L, V): slot j predicts target token j
-    labels = torch.zeros(len(t_ids), n_slots, dtype=torch.long, device=logits.device)
-    tmask = torch.zeros(len(t_ids), n_slots, device=logits.device)
-    for i, t in enumerate(t_ids):
-        labels[i, n_slots - len(t):] = torch.tensor(t, device=logits.device)
-        tmask[i, n_slots - len(t):] = 1
-    return logits, labels, tmask
+    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                   logits_to_keep=lm.target_columns(n_slots), use_cache=False)
+    labels, tmask = lm.target_slots(t_ids)
+    return out.logits.float(), labels, tmask  # (N, L, V): slot j predicts target token j
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -221,13 +221,9 @@ def gradient_factors(lm: EditedLM, paths: Sequence[str], prompts: Sequence[str],
             for w in weights:
                 w.requires_grad_(True)  # so that the outputs at these layers are in the graph
             out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                           logits_to_keep=n_slots + 1, use_cache=False)
-            logits = out.logits[:, :-1].float()  # (R, L, V)
-            labels = torch.zeros(len(t_ids), n_slots, dtype=torch.long, device=logits.device)
-            tmask = torch.zeros(len(t_ids), n_slots, device=logits.device)
-            for r, t in enumerate(t_ids):
-                labels[r, n_slots - len(t):] = torch.tensor(t, device=logits.device)
-                tmask[r, n_slots - len(t):] = 1
+                           logits_to_keep=lm.target_columns(n_slots), use_cache=False)
+            logits = out.logits.float()  # (R, L, V)
+            labels, tmask = lm.target_slots(t_ids)
             nll = -torch.log_softmax(logits[:n_edit], -1).gather(-1, labels[:n_edit, :, None])[..., 0]  # (n, L)
             loss = ((nll * tmask[:n_edit]).sum(1) / tmask[:n_edit].sum(1)).sum()
             grads = torch.autograd.grad(loss, [outputs[k] for k in range(len(modules))])

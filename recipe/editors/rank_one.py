@@ -221,7 +221,7 @@ class _ReusedSteps:
 
     def __call__(self) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.handle is None:
-            logits = self.batch.logits(add=self.onehot * self.delta)  # (B, L + 1, V)
+            logits = self.batch.logits(add=self.onehot * self.delta)  # (B, L, V)
         else:
             logits = self.batch.logits()
         logp, _, _, mask = self.lm._gold(logits[:self.n], self.batch.t_ids[:self.n])

@@ -1,0 +1,105 @@
+"""Edit time of one editor under two versions of the code, side by side on the same machine load.
+
+    git worktree add /tmp/old <commit>
+    RECIPE_DATA_DIR=... .venv/bin/python benchmarks/code_speed.py --old /tmp/old --editors tpatcher,memit,rome \\
+        --dataset counterfact --edits 4
+
+For each editor, two processes start at once, one importing ``recipe`` from ``--old`` and one from
+``--new`` (this checkout by default). Each loads SmolLM2, makes one warm-up edit, times the next
+``--edits`` edits of the seed-0 shuffle one by one, then scores the edited prompts teacher-forced.
+Reported: the median seconds per edit of each, their ratio, and the largest difference of a prompt's
+summed target log-probability between the two (a speed change must not change the edits).
+Results: ``benchmarks/results/code_speed/<editor>-<dataset>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "code_speed"
+
+
+def worker(code: str, editor: str, dataset: str, edits: int, data_dir: str | None) -> dict:
+    """Runs in a child process whose ``recipe`` comes from ``code``."""
+    sys.path.insert(0, code)
+    import random
+
+    import torch
+
+    from recipe.data import load_dataset
+    from recipe.editors import load_editor
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+
+    torch.set_num_threads(1)
+    cases = load_dataset(dataset, data_dir)
+    random.Random(0).shuffle(cases)
+    cases = cases[:edits + 1]
+    model, tokenizer, spec = load_model("smollm2-135m")
+    lm = EditedLM(model, tokenizer, spec)
+    ed = load_editor(editor, lm, None)
+    ed.edit(cases[0].requests)  # warm-up: covariance / caches
+    times = []
+    for c in cases[1:]:
+        t = time.perf_counter()
+        ed.edit(c.requests)
+        times.append(time.perf_counter() - t)
+    requests = [r for c in cases for r in c.requests]
+    with torch.no_grad():
+        logp, _, _, mask = lm.target_logprobs([r.prompt for r in requests], [r.target_new for r in requests],
+                                              prefixes=None)
+    return {"code": code, "times": times, "median": statistics.median(times), "logp": (logp * mask).sum(1).tolist()}
+
+
+def compare(args, editor: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {side: subprocess.Popen([sys.executable, __file__, "--worker", code, "--editors", editor, "--dataset",
+                                     args.dataset, "--edits", str(args.edits)], stdout=subprocess.PIPE, env=env)
+             for side, code in (("old", args.old), ("new", args.new))}
+    got = {}
+    for side, p in procs.items():
+        out, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{side} worker ({editor}) failed with exit code {p.returncode}")
+        got[side] = json.loads(out.decode().strip().splitlines()[-1])
+    return {"editor": editor, "dataset": args.dataset, "edits": args.edits, **got,
+            "speedup": got["old"]["median"] / got["new"]["median"],
+            "max_abs_dlogp": max(abs(a - b) for a, b in zip(got["old"]["logp"], got["new"]["logp"]))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", help="checkout whose recipe/ is the baseline")
+    ap.add_argument("--new", default=str(ROOT), help="checkout to compare (default: this one)")
+    ap.add_argument("--editors", default="tpatcher,memit,rome")
+    ap.add_argument("--dataset", default="counterfact")
+    ap.add_argument("--edits", type=int, default=4)
+    ap.add_argument("--data-dir", default=os.environ.get("RECIPE_DATA_DIR"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.editors, args.dataset, args.edits, args.data_dir)))
+        return 0
+    if not args.old:
+        ap.error("--old is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("| editor | edits | median s per edit, old | new | speed-up | max abs Δ target log-prob |")
+    print("|---|---|---|---|---|---|")
+    for editor in args.editors.split(","):
+        r = compare(args, editor)
+        (args.out / f"{editor}-{args.dataset}.json").write_text(json.dumps(r, indent=1))
+        print(f"| {editor} | {r['edits']} | {r['old']['median']:.2f} | {r['new']['median']:.2f} | "
+              f"{r['speedup']:.2f}× | {r['max_abs_dlogp']:.1e} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
