@@ -10,6 +10,10 @@ For each editor, two processes start at once, one importing ``recipe`` from ``--
 Reported: the median seconds per edit of each, their ratio, and the largest difference of a prompt's
 summed target log-probability between the two (a speed change must not change the edits).
 Results: ``benchmarks/results/code_speed/<editor>-<dataset>.json``.
+
+``--editors score``: instead of editing, the unedited model scores (teacher-forced, then free generation)
+every query of the first ``--edits`` cases as the sequential loop does; reported per query, with the
+largest log-prob difference and how many predictions and continuations are identical.
 """
 from __future__ import annotations
 
@@ -58,10 +62,35 @@ def worker(code: str, editor: str, dataset: str, edits: int, data_dir: str | Non
     return {"code": code, "times": times, "median": statistics.median(times), "logp": (logp * mask).sum(1).tolist()}
 
 
+def score_worker(code: str, dataset: str, n_cases: int, data_dir: str | None) -> dict:
+    """Runs in a child process whose ``recipe`` comes from ``code``: the loop's scoring of n_cases cases."""
+    sys.path.insert(0, code)
+    import random
+
+    import torch
+
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import _queries, _score_queries
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+
+    torch.set_num_threads(1)
+    cases = load_dataset(dataset, data_dir)
+    random.Random(0).shuffle(cases)
+    qs = _queries(cases[:n_cases])
+    model, tokenizer, spec = load_model("smollm2-135m")
+    scores, gens, (score_s, gen_s) = _score_queries(EditedLM(model, tokenizer, spec), qs, True)
+    return {"code": code, "queries": len(qs), "score_ms_per_query": 1000 * score_s / len(qs),
+            "generate_ms_per_query": 1000 * gen_s / len(qs),
+            "logp": [sum(x.logprobs) for x in scores], "predicted": [list(x.predicted_ids) for x in scores],
+            "generations": gens}
+
+
 def compare(args, editor: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
     procs = {side: subprocess.Popen([sys.executable, __file__, "--worker", code, "--editors", editor, "--dataset",
-                                     args.dataset, "--edits", str(args.edits)], stdout=subprocess.PIPE, env=env)
+                                     args.dataset, "--edits", str(args.edits), *data], stdout=subprocess.PIPE, env=env)
              for side, code in (("old", args.old), ("new", args.new))}
     got = {}
     for side, p in procs.items():
@@ -69,6 +98,14 @@ def compare(args, editor: str) -> dict:
         if p.returncode:
             raise SystemExit(f"{side} worker ({editor}) failed with exit code {p.returncode}")
         got[side] = json.loads(out.decode().strip().splitlines()[-1])
+    if editor == "score":
+        old, new = got["old"], got["new"]
+        return {"editor": editor, "dataset": args.dataset, "cases": args.edits, **got,
+                "speedup": old["score_ms_per_query"] / new["score_ms_per_query"],
+                "generate_speedup": old["generate_ms_per_query"] / new["generate_ms_per_query"],
+                "max_abs_dlogp": max(abs(a - b) for a, b in zip(old["logp"], new["logp"])),
+                "same_predictions": sum(a == b for a, b in zip(old["predicted"], new["predicted"])),
+                "same_generations": sum(a == b for a, b in zip(old["generations"], new["generations"]))}
     return {"editor": editor, "dataset": args.dataset, "edits": args.edits, **got,
             "speedup": got["old"]["median"] / got["new"]["median"],
             "max_abs_dlogp": max(abs(a - b) for a, b in zip(got["old"]["logp"], got["new"]["logp"]))}
@@ -86,7 +123,10 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.editors, args.dataset, args.edits, args.data_dir)))
+        if args.editors == "score":
+            print(json.dumps(score_worker(args.worker, args.dataset, args.edits, args.data_dir)))
+        else:
+            print(json.dumps(worker(args.worker, args.editors, args.dataset, args.edits, args.data_dir)))
         return 0
     if not args.old:
         ap.error("--old is required")
@@ -96,6 +136,14 @@ def main(argv=None) -> int:
     for editor in args.editors.split(","):
         r = compare(args, editor)
         (args.out / f"{editor}-{args.dataset}.json").write_text(json.dumps(r, indent=1))
+        if editor == "score":
+            old, new = r["old"], r["new"]
+            print(f"scoring {new['queries']} queries of {args.edits} cases, ms per query old / new: teacher-forced "
+                  f"{old['score_ms_per_query']:.1f} / {new['score_ms_per_query']:.1f} ({r['speedup']:.2f}×), "
+                  f"generation {old['generate_ms_per_query']:.1f} / {new['generate_ms_per_query']:.1f}; "
+                  f"max abs Δ log-prob {r['max_abs_dlogp']:.1e}; same predictions {r['same_predictions']}, "
+                  f"same continuations {r['same_generations']}", flush=True)
+            continue
         print(f"| {editor} | {r['edits']} | {r['old']['median']:.2f} | {r['new']['median']:.2f} | "
               f"{r['speedup']:.2f}× | {r['max_abs_dlogp']:.1e} |", flush=True)
     return 0

@@ -305,19 +305,40 @@ class EditedLM(nn.Module):
         embeds, mask, _ = self.embed(prompts, None, targets, extra_tokens=extra_tokens + prefix_mask.shape[1])
         return cache, embeds, torch.cat([prefix_mask, mask], dim=1)
 
+    def length_order(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> list[int]:
+        """Row indices, shortest prompt (+ target) first (stable): batches of neighbours in this order pad
+        little. zsRE's 4,000 evaluation queries (1,000 cases) are 72,534 tokens; batches of 16 in the
+        given order pad them to 126,992, in this order to 74,032."""
+        n = [len(self.prompt_ids(p)) + (len(self.target_ids(t)) if targets is not None else 0)
+             for p, t in zip(prompts, targets if targets is not None else prompts)]
+        return sorted(range(len(prompts)), key=n.__getitem__)
+
+    def _batches(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> Iterator[list[int]]:
+        """Row indices of each batch of at most ``max_batch``: in :meth:`length_order` when there is more
+        than one batch; one batch in the given order otherwise."""
+        if 0 < len(prompts) <= self.max_batch:
+            yield list(range(len(prompts)))
+            return
+        order = self.length_order(prompts, targets)
+        for s in range(0, len(order), self.max_batch):
+            yield order[s:s + self.max_batch]
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO) -> list[TargetScore]:
-        """Teacher-forced scores of each target after its prompt, in batches of ``max_batch``."""
+        """Teacher-forced scores of each target after its prompt, in batches of ``max_batch`` rows of
+        similar length (:meth:`length_order`), returned in the order given."""
+        if len(targets) != len(prompts):
+            raise RecipeError(f"{len(targets)} targets for {len(prompts)} prompts")
         prefs = self._resolve_prefixes(prompts, prefixes)
-        result: list[TargetScore] = []
-        for s in range(0, len(prompts), self.max_batch):
-            sl = slice(s, s + self.max_batch)
-            logp, pred, labels, tmask = self._cached_target_logprobs(prompts[sl], targets[sl], prefs[sl])
-            for i in range(logp.shape[0]):
-                keep = tmask[i].bool()
-                result.append(TargetScore(tuple(labels[i, keep].tolist()), tuple(pred[i, keep].tolist()),
-                                          tuple(logp[i, keep].tolist())))
-        return result
+        result: list[TargetScore | None] = [None] * len(prompts)
+        for rows in self._batches(prompts, targets):
+            logp, pred, labels, tmask = self._cached_target_logprobs(
+                [prompts[i] for i in rows], [targets[i] for i in rows], [prefs[i] for i in rows])
+            for k, i in enumerate(rows):
+                keep = tmask[k].bool()
+                result[i] = TargetScore(tuple(labels[k, keep].tolist()), tuple(pred[k, keep].tolist()),
+                                        tuple(logp[k, keep].tolist()))
+        return result  # type: ignore[return-value]
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -325,17 +346,20 @@ class EditedLM(nn.Module):
                  **generate_kwargs) -> list[str]:
         """Decoded continuations (new text only), like the model's own ``generate`` plus the edits.
 
-        Greedy unless ``do_sample=True`` is passed; other keyword arguments go to HF ``generate``.
+        Greedy unless ``do_sample=True`` is passed; other keyword arguments go to HF ``generate``. More
+        prompts than ``max_batch`` run in batches of similar length (:meth:`length_order`); the texts come
+        back in the order given.
         """
         prefs = self._resolve_prefixes(prompts, prefixes)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        texts: list[str] = []
-        for s in range(0, len(prompts), self.max_batch):
-            sl = slice(s, s + self.max_batch)
-            out = self._generate_batch(prompts[sl], prefs[sl], max_new_tokens, generate_kwargs)
-            texts.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
-        return texts
+        texts: list[str | None] = [None] * len(prompts)
+        for rows in self._batches(prompts):
+            out = self._generate_batch([prompts[i] for i in rows], [prefs[i] for i in rows], max_new_tokens,
+                                       generate_kwargs)
+            for i, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
+                texts[i] = text
+        return texts  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: Sequence[str], prefs: list[Tensor | None], max_new_tokens: int,
                         generate_kwargs: dict) -> Tensor:

@@ -279,6 +279,11 @@ def test_code_speed_same_code_both_sides(data_dir, tmp_path, benchmark_script):
     r = json.loads((out / "ft-zsre.json").read_text())
     assert len(r["old"]["times"]) == len(r["new"]["times"]) == 1 and r["speedup"] > 0
     assert r["max_abs_dlogp"] == 0.0 and len(r["old"]["logp"]) == 2
+    assert bench.main(["--old", str(bench.ROOT), "--editors", "score", "--dataset", "zsre", "--edits", "2",
+                       "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    r = json.loads((out / "score-zsre.json").read_text())
+    assert r["old"]["queries"] == r["new"]["queries"] == r["same_predictions"] == r["same_generations"] >= 2
+    assert r["max_abs_dlogp"] == 0.0 and r["speedup"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--editors", "ft"])  # no --old
 

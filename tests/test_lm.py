@@ -112,3 +112,25 @@ def test_head_input_made_contiguous_once_with_equal_logits(tiny):
     hidden = torch.randn(3, 5, head.in_features)[:, -2:]  # strided, as HF slices it
     assert not hidden.is_contiguous()
     torch.testing.assert_close(head(hidden), hidden @ head.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_group_similar_lengths_and_results_keep_the_given_order(tiny):
+    prompts = ["A", "The quick brown fox jumps over the lazy dog and then", "Hi there", "The capital of France is",
+               "One two three four five six seven eight nine ten eleven", "Yes"]
+    targets = ["x", "it", "Paris", "a b c", "twelve", "no"]
+    tiny.max_batch = 2
+    batches = list(tiny._batches(prompts, targets))
+    lengths = [len(tiny.prompt_ids(p)) + len(tiny.target_ids(t)) for p, t in zip(prompts, targets)]
+    assert sorted(i for b in batches for i in b) == list(range(6)) and all(len(b) <= 2 for b in batches)
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths)  # neighbours in length share a batch
+    batched = tiny.score(prompts, targets)
+    one = [tiny.generate([p], max_new_tokens=4)[0] for p in prompts]
+    assert tiny.generate(prompts, max_new_tokens=4) == one
+    for p, t, b in zip(prompts, targets, batched):
+        s = tiny.score([p], [t])[0]
+        assert s.target_ids == b.target_ids and s.predicted_ids == b.predicted_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    tiny.max_batch = 16  # one batch: the given order, as the model's own generate would see it
+    assert list(tiny._batches(prompts, targets)) == [list(range(6))]
+    with pytest.raises(RecipeError, match="targets"):
+        tiny.score(prompts, targets[:-1])

@@ -45,13 +45,14 @@ def generation_budget(lm: EditedLM, answers: Sequence[str]) -> int:
 
 
 def generate_for(lm: EditedLM, prompts: Sequence[str], budgets: Sequence[int], bar=None) -> list[str]:
-    """Greedy continuations, one budget per prompt (prompts grouped by budget to batch them).
+    """Greedy continuations, one budget per prompt (prompts grouped by budget, and by length within a
+    budget, to batch them with little padding).
 
-    ``bar``: a progress bar advanced by each batch of ``lm.max_batch`` prompts (the batches
-    ``lm.generate`` would form anyway, so the outputs do not depend on it)."""
+    ``bar``: a progress bar advanced by each batch of ``lm.max_batch`` prompts."""
     out: list[str | None] = [None] * len(prompts)
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
+        idx = [idx[k] for k in lm.length_order([prompts[i] for i in idx])]
         for s in range(0, len(idx), lm.max_batch):
             part = idx[s:s + lm.max_batch]
             for i, t in zip(part, lm.generate([prompts[i] for i in part], max_new_tokens=budget)):
