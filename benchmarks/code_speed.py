@@ -14,6 +14,8 @@ Results: ``benchmarks/results/code_speed/<editor>-<dataset>.json``.
 ``--editors score``: instead of editing, the unedited model scores (teacher-forced, then free generation)
 every query of the first ``--edits`` cases as the sequential loop does; reported per query, with the
 largest log-prob difference and how many predictions and continuations are identical.
+``--editors padding``: only count the tokens of those queries, and the token slots that batches of 16
+fill in the order given and in ``EditedLM.length_order`` (no model forward; this checkout's code).
 """
 from __future__ import annotations
 
@@ -86,6 +88,29 @@ def score_worker(code: str, dataset: str, n_cases: int, data_dir: str | None) ->
             "generations": gens}
 
 
+def padding(dataset: str, n_cases: int, data_dir: str | None, batch: int = 16) -> dict:
+    """Tokens of the loop's queries for the first n_cases cases, and the slots batches pad them to."""
+    import random
+
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import _queries
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+
+    cases = load_dataset(dataset, data_dir)
+    random.Random(0).shuffle(cases)
+    qs = _queries(cases[:n_cases])
+    lm = EditedLM(*load_model("smollm2-135m"))
+    n = [len(lm.prompt_ids(q.prompt)) + len(lm.target_ids(q.target)) for q in qs]
+    order = lm.length_order([q.prompt for q in qs], [q.target for q in qs])
+
+    def slots(rows):
+        return sum(max(rows[s:s + batch]) * len(rows[s:s + batch]) for s in range(0, len(rows), batch))
+
+    return {"dataset": dataset, "cases": n_cases, "queries": len(qs), "tokens": sum(n), "slots_given": slots(n),
+            "slots_length_order": slots([n[i] for i in order])}
+
+
 def compare(args, editor: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     data = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -128,12 +153,20 @@ def main(argv=None) -> int:
         else:
             print(json.dumps(worker(args.worker, args.editors, args.dataset, args.edits, args.data_dir)))
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    editors = args.editors.split(",")
+    if editors == ["padding"]:
+        r = padding(args.dataset, args.edits, args.data_dir)
+        (args.out / f"padding-{args.dataset}.json").write_text(json.dumps(r, indent=1))
+        print(f"{r['dataset']}: {r['queries']} queries of {r['cases']} cases, {r['tokens']} tokens; batches of 16 "
+              f"pad them to {r['slots_given']} slots in the order given, {r['slots_length_order']} in length order")
+        return 0
     if not args.old:
         ap.error("--old is required")
-    args.out.mkdir(parents=True, exist_ok=True)
-    print("| editor | edits | median s per edit, old | new | speed-up | max abs Δ target log-prob |")
-    print("|---|---|---|---|---|---|")
-    for editor in args.editors.split(","):
+    if editors != ["score"]:
+        print("| editor | edits | median s per edit, old | new | speed-up | max abs Δ target log-prob |")
+        print("|---|---|---|---|---|---|")
+    for editor in editors:
         r = compare(args, editor)
         (args.out / f"{editor}-{args.dataset}.json").write_text(json.dumps(r, indent=1))
         if editor == "score":

@@ -286,6 +286,10 @@ def test_code_speed_same_code_both_sides(data_dir, tmp_path, benchmark_script):
     assert r["max_abs_dlogp"] == 0.0 and r["speedup"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--editors", "ft"])  # no --old
+    assert bench.main(["--editors", "padding", "--dataset", "counterfact", "--edits", "40", "--data-dir", str(data_dir),
+                       "--out", str(out)]) == 0
+    r = json.loads((out / "padding-counterfact.json").read_text())
+    assert r["queries"] >= 40 and r["tokens"] <= r["slots_length_order"] <= r["slots_given"]
 
 
 # ---------------------------------------------------------------------------------------------- scripts
