@@ -50,8 +50,8 @@ def _contiguous_head_input(model: nn.Module) -> None:
 
     Hugging Face models apply the head to ``hidden[:, -k:]`` (``logits_to_keep``), a strided view when a
     batch has more than k columns. ``torch.matmul`` then runs a batched matmul over a broadcast copy of the
-    (vocab, hidden) weight instead of one matrix product: on CPU (torch 2.13, SmolLM2, 6 rows, k = 2) 344 ms
-    against 82 ms, forward and backward alike. The values are the same.
+    (vocab, hidden) weight instead of one matrix product, several times slower on CPU (torch 2.13), forward
+    and backward alike (benchmarks/REPORT.md §4). The values are the same.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "_recipe_contiguous_input", False):
