@@ -37,11 +37,17 @@ run rome-counterfact-1000     --editor rome     --dataset counterfact --edits 10
 run memit-zsre-1000           --editor memit    --dataset zsre        --edits 1000 --checkpoint-every 10 --save-states
 run memit-counterfact-1000    --editor memit    --dataset counterfact --edits 1000 --checkpoint-every 10 --save-states
 
-# General ability after the 1,000 zsRE edits, from the state the eval run saved (FT-M's run kept none,
-# so it applies its edits again; MEND and RECIPE are in benchmarks/general.sh).
+# FT-M's run above kept no state: this one applies the same 1,000 edits again and keeps it (scoring only
+# 20 cases, no generation; its results are not copied anywhere).
+state() { name=$1; shift; selected "$name" || return 0; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; }
+state ftm-zsre-1000-state --editor ftm --dataset zsre --edits 1000 --checkpoint-every 50 --save-states \
+  --no-generation --score-cases 20
+
+# General ability after the 1,000 zsRE edits, from the state an eval run saved (MEND and RECIPE are in
+# benchmarks/general.sh).
 grun general-ft-zsre-1000       --editor ft       --dataset zsre --edits 1000 --editor-state runs/ft-zsre-1000/state-T1000
 grun general-grace-zsre-1000    --editor grace    --dataset zsre --edits 1000 --editor-state runs/grace-zsre-1000/state-T1000
 grun general-tpatcher-zsre-1000 --editor tpatcher --dataset zsre --edits 1000 --editor-state runs/tpatcher-zsre-1000/state-T1000
 grun general-rome-zsre-1000     --editor rome     --dataset zsre --edits 1000 --editor-state runs/rome-zsre-1000/state-T1000
 grun general-memit-zsre-1000    --editor memit    --dataset zsre --edits 1000 --editor-state runs/memit-zsre-1000/state-T1000
-grun general-ftm-zsre-1000      --editor ftm      --dataset zsre --edits 1000
+grun general-ftm-zsre-1000      --editor ftm      --dataset zsre --edits 1000 --editor-state runs/ftm-zsre-1000-state/state-T1000
