@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "code_speed"
 
 
+def commit(code: str) -> str:
+    """The checkout's commit (what a result records instead of this machine's path)."""
+    return subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def worker(code: str, editor: str, dataset: str, edits: int, data_dir: str | None) -> dict:
     """Runs in a child process whose ``recipe`` comes from ``code``."""
     sys.path.insert(0, code)
@@ -61,7 +67,7 @@ def worker(code: str, editor: str, dataset: str, edits: int, data_dir: str | Non
     with torch.no_grad():
         logp, _, _, mask = lm.target_logprobs([r.prompt for r in requests], [r.target_new for r in requests],
                                               prefixes=None)
-    return {"code": code, "times": times, "median": statistics.median(times), "logp": (logp * mask).sum(1).tolist()}
+    return {"code": commit(code), "times": times, "median": statistics.median(times), "logp": (logp * mask).sum(1).tolist()}
 
 
 def score_worker(code: str, dataset: str, n_cases: int, data_dir: str | None) -> dict:
@@ -82,7 +88,7 @@ def score_worker(code: str, dataset: str, n_cases: int, data_dir: str | None) ->
     qs = _queries(cases[:n_cases])
     model, tokenizer, spec = load_model("smollm2-135m")
     scores, gens, (score_s, gen_s) = _score_queries(EditedLM(model, tokenizer, spec), qs, True)
-    return {"code": code, "queries": len(qs), "score_ms_per_query": 1000 * score_s / len(qs),
+    return {"code": commit(code), "queries": len(qs), "score_ms_per_query": 1000 * score_s / len(qs),
             "generate_ms_per_query": 1000 * gen_s / len(qs),
             "logp": [sum(x.logprobs) for x in scores], "predicted": [list(x.predicted_ids) for x in scores],
             "generations": gens}

@@ -309,8 +309,9 @@ class EditedLM(nn.Module):
         """Row indices, shortest prompt (+ target) first (stable): batches of neighbours in this order pad
         little. zsRE's 4,000 evaluation queries (1,000 cases) are 72,534 tokens; batches of 16 in the
         given order pad them to 126,992, in this order to 74,032."""
-        n = [len(self.prompt_ids(p)) + (len(self.target_ids(t)) if targets is not None else 0)
-             for p, t in zip(prompts, targets if targets is not None else prompts)]
+        n = [len(self.prompt_ids(p)) for p in prompts]
+        if targets is not None:
+            n = [k + len(self.target_ids(t)) for k, t in zip(n, targets)]
         return sorted(range(len(prompts)), key=n.__getitem__)
 
     def _batches(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> Iterator[list[int]]:
@@ -324,9 +325,11 @@ class EditedLM(nn.Module):
             yield order[s:s + self.max_batch]
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO) -> list[TargetScore]:
+    def score(self, prompts: Sequence[str], targets: Sequence[str], prefixes=AUTO,
+              on_batch: Callable[[int], None] | None = None) -> list[TargetScore]:
         """Teacher-forced scores of each target after its prompt, in batches of ``max_batch`` rows of
-        similar length (:meth:`length_order`), returned in the order given."""
+        similar length (:meth:`length_order`), returned in the order given. ``on_batch(rows)`` after each
+        batch (a progress bar)."""
         if len(targets) != len(prompts):
             raise RecipeError(f"{len(targets)} targets for {len(prompts)} prompts")
         prefs = self._resolve_prefixes(prompts, prefixes)
@@ -338,17 +341,19 @@ class EditedLM(nn.Module):
                 keep = tmask[k].bool()
                 result[i] = TargetScore(tuple(labels[k, keep].tolist()), tuple(pred[k, keep].tolist()),
                                         tuple(logp[k, keep].tolist()))
+            if on_batch is not None:
+                on_batch(len(rows))
         return result  # type: ignore[return-value]
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, prefixes=AUTO,
-                 **generate_kwargs) -> list[str]:
+                 on_batch: Callable[[int], None] | None = None, **generate_kwargs) -> list[str]:
         """Decoded continuations (new text only), like the model's own ``generate`` plus the edits.
 
         Greedy unless ``do_sample=True`` is passed; other keyword arguments go to HF ``generate``. More
         prompts than ``max_batch`` run in batches of similar length (:meth:`length_order`); the texts come
-        back in the order given.
+        back in the order given. ``on_batch(rows)`` after each batch (a progress bar).
         """
         prefs = self._resolve_prefixes(prompts, prefixes)
         generate_kwargs.setdefault("do_sample", False)
@@ -359,6 +364,8 @@ class EditedLM(nn.Module):
                                        generate_kwargs)
             for i, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
                 texts[i] = text
+            if on_batch is not None:
+                on_batch(len(rows))
         return texts  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: Sequence[str], prefs: list[Tensor | None], max_new_tokens: int,

@@ -45,18 +45,13 @@ def generation_budget(lm: EditedLM, answers: Sequence[str]) -> int:
 
 
 def generate_for(lm: EditedLM, prompts: Sequence[str], budgets: Sequence[int], bar=None) -> list[str]:
-    """Greedy continuations, one budget per prompt (prompts grouped by budget, and by length within a
-    budget, to batch them with little padding).
-
-    ``bar``: a progress bar advanced by each batch of ``lm.max_batch`` prompts."""
+    """Greedy continuations, one budget per prompt (one ``lm.generate`` call per budget, which batches
+    its prompts by length). ``bar``: a progress bar advanced after each batch."""
     out: list[str | None] = [None] * len(prompts)
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
-        idx = [idx[k] for k in lm.length_order([prompts[i] for i in idx])]
-        for s in range(0, len(idx), lm.max_batch):
-            part = idx[s:s + lm.max_batch]
-            for i, t in zip(part, lm.generate([prompts[i] for i in part], max_new_tokens=budget)):
-                out[i] = t
-            if bar is not None:
-                bar.update(len(part))
+        texts = lm.generate([prompts[i] for i in idx], max_new_tokens=budget,
+                            on_batch=bar.update if bar is not None else None)
+        for i, t in zip(idx, texts):
+            out[i] = t
     return out  # type: ignore[return-value]

@@ -68,19 +68,11 @@ def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, progre
     """Teacher-forced scores and (optionally) greedy continuations, with the seconds each took.
 
     With ``progress`` a bar counts the queries scored (then generated): a lifelong round of 1,000 cases
-    has several thousand. Queries go to ``lm.score`` in :meth:`EditedLM.length_order` (little padding),
-    in multiples of its batch size, so the batches, and the scores, are the same as in one call."""
+    has several thousand; ``lm.score`` batches them by length."""
     bar = tqdm(total=len(qs) * (2 if free_generation else 1), desc=f"{desc}scoring queries", unit="q",
                disable=not progress or not qs, leave=False)
     t0 = time.perf_counter()
-    order = lm.length_order([q.prompt for q in qs], [q.target for q in qs])
-    scores: list = [None] * len(qs)
-    step = lm.max_batch * 16
-    for s in range(0, len(order), step):
-        part = order[s:s + step]
-        for i, score in zip(part, lm.score([qs[i].prompt for i in part], [qs[i].target for i in part])):
-            scores[i] = score
-        bar.update(len(part))
+    scores = lm.score([q.prompt for q in qs], [q.target for q in qs], on_batch=bar.update)
     t1 = time.perf_counter()
     gens = None
     if free_generation:
