@@ -51,3 +51,7 @@ grun general-tpatcher-zsre-1000 --editor tpatcher --dataset zsre --edits 1000 --
 grun general-rome-zsre-1000     --editor rome     --dataset zsre --edits 1000 --editor-state runs/rome-zsre-1000/state-T1000
 grun general-memit-zsre-1000    --editor memit    --dataset zsre --edits 1000 --editor-state runs/memit-zsre-1000/state-T1000
 grun general-ftm-zsre-1000      --editor ftm      --dataset zsre --edits 1000 --editor-state runs/ftm-zsre-1000-state/state-T1000
+
+# ROME after its 1,000 CounterFact edits (its zsRE run is not done yet).
+grun general-rome-counterfact-1000 --editor rome --dataset counterfact --edits 1000 \
+  --editor-state runs/rome-counterfact-1000/state-T1000

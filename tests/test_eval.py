@@ -148,7 +148,27 @@ def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):
                               "generate_ms_per_query": a.summaries[8]["generate_ms_per_query"],
                               "peak_rss_mb": a.summaries[8]["peak_rss_mb"]}  # the same sample again
     with pytest.raises(RecipeError, match="score_cases"):
-        run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=3, resume=True, out_dir="unused")
+        run_sequential(tiny, editor, cases, [8], n_cases=16, score_cases=0, progress=False)
+
+
+def test_resume_with_score_cases_keeps_the_sampled_rounds(tiny, tmp_path):
+    from recipe.editors import load_editor
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import run_sequential
+
+    cases, applied = load_dataset("demo"), []
+    editor = load_editor("none", tiny)
+    editor._apply = lambda requests, ids: applied.extend(requests)
+    kw = dict(n_cases=16, score_cases=3, free_generation=False, progress=False, out_dir=tmp_path)
+    full = run_sequential(tiny, editor, cases, [8], **kw).summaries[8]
+    rows = (tmp_path / "T8.jsonl").read_text().splitlines()
+    assert len(rows) == 6
+    (tmp_path / "T8.jsonl").write_text("\n".join(rows[:4]) + "\n")  # round 0 whole, round 1 cut short
+    applied.clear()
+    resumed = run_sequential(tiny, editor, cases, [8], resume=True, **kw).summaries[8]
+    assert len(applied) == 8  # only round 1 again
+    assert len((tmp_path / "T8.jsonl").read_text().splitlines()) == 6
+    assert (resumed["cases"], resumed["rounds"], resumed["tf"]) == (full["cases"], full["rounds"], full["tf"])
 
 
 def test_a_round_cut_short_resumes_from_its_checkpoint(tiny, one_thread, demo_cases, tmp_path):
@@ -182,6 +202,36 @@ def test_a_round_cut_short_resumes_from_its_checkpoint(tiny, one_thread, demo_ca
     assert not (tmp_path / "cut" / "T4.round").exists()  # removed once the round is written
     with pytest.raises(RecipeError, match="positive"):
         run_sequential(tiny, ft(), demo_cases, [4], out_dir=tmp_path / "x", checkpoint_every=0, progress=False)
+
+
+def test_a_round_that_kept_its_state_is_not_edited_again(tiny, one_thread, demo_cases, tmp_path, monkeypatch):
+    import recipe.eval.sequential as seq
+
+    def ft():
+        return load_editor("ft", tiny, steps=5, lr=5.0e-2, norm_constraint=0.0)
+
+    kw = dict(out_dir=tmp_path, free_generation=False, progress=False, checkpoint_every=3, save_states=True)
+    full = run_sequential(tiny, ft(), demo_cases, [4], out_dir=tmp_path / "full", free_generation=False,
+                          progress=False).summaries[4]
+    real = seq._score_queries
+
+    def killed(*a, **k):
+        if "T=4" in k.get("desc", ""):
+            raise KeyboardInterrupt  # the edits are done and kept; killed while scoring them
+        return real(*a, **k)
+
+    monkeypatch.setattr(seq, "_score_queries", killed)
+    crashing = ft()
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(tiny, crashing, demo_cases, [4], **kw)
+    crashing.rollback()
+    assert (tmp_path / "state-T4").is_dir() and (tmp_path / "T4.round").is_dir()  # state after 4 and after 3 edits
+    monkeypatch.setattr(seq, "_score_queries", real)
+    again = ft()
+    again.edit = lambda requests: pytest.fail("the kept state after all 4 edits should be loaded instead")
+    resumed = run_sequential(tiny, again, demo_cases, [4], resume=True, **kw).summaries[4]
+    assert resumed["tf"] == pytest.approx(full["tf"], abs=1e-6)
+    assert resumed["edit_time_s"] > 0  # the kept edit times, not an empty list
 
 
 def test_saved_state_stands_for_its_edits_in_general(tiny, one_thread, demo_cases, tmp_path):

@@ -177,18 +177,25 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     return summary
 
 
-def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int) -> list[dict]:
-    """Rows of the complete rounds already in ``path`` (for --resume); checks they match ``pool``."""
+def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int, scored: dict[tuple[int, int], list[int]]) -> list[dict]:
+    """Rows of the complete rounds already in ``path`` (for --resume), round by round: each round of T edits
+    wrote the rows of its scored cases (``scored[(T, start)]``) at once. Checks they match ``pool``; a partly
+    written last round is dropped and redone."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    done = len(rows) // T * T  # a partly written last round is dropped and redone
-    rows = rows[:done]
-    for i, r in enumerate(rows):
-        if r.get("case_id") != pool[i].case_id:
-            raise RecipeError(f"{path} was written by another run (case {i} is {r.get('case_id')!r}, expected "
-                              f"{pool[i].case_id!r}); use another output folder or drop --resume")
-    return rows
+    kept: list[dict] = []
+    for start in range(0, len(pool) // T * T, T):
+        idx = scored[(T, start)]
+        block = rows[len(kept):len(kept) + len(idx)]
+        if len(block) < len(idx):
+            break
+        for i, r in zip(idx, block):
+            if r.get("case_id") != pool[i].case_id:
+                raise RecipeError(f"{path} was written by another run (case {i} is {r.get('case_id')!r}, expected "
+                                  f"{pool[i].case_id!r}); use another output folder or drop --resume")
+        kept += block
+    return kept
 
 
 def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> list[int]:
@@ -204,22 +211,31 @@ def _round_meta(T: int, start: int, seed: int, chosen: Sequence[EditCase], edit_
             "case_ids": [c.case_id for c in chosen[:len(edit_times)]], "edit_times": edit_times}
 
 
-def _resume_round(editor: Editor, path: Path, T: int, start: int, seed: int, chosen: Sequence[EditCase]) -> list[float]:
-    """Edit times of the cases a mid-round checkpoint at ``path`` already applied (loaded into ``editor``)."""
-    if not path.exists():
+def _resume_round(editor: Editor, paths: Sequence[Path], T: int, start: int, seed: int,
+                  chosen: Sequence[EditCase]) -> list[float]:
+    """Edit times of the cases already applied by the furthest valid checkpoint among ``paths`` (a
+    mid-round checkpoint, or the state a finished round kept); that state is loaded into ``editor``."""
+    best: tuple[int, dict, dict, Path] | None = None
+    for path in paths:
+        if not path.exists():
+            continue
+        try:
+            state, meta = load_state(path)
+        except EditorStateError as e:
+            log.warning("ignoring the checkpoint %s: %s", path, e)
+            continue
+        applied = int(meta.get("applied", 0))
+        if (meta.get("T"), meta.get("start"), meta.get("seed")) != (T, start, seed) or applied > len(chosen) or \
+                meta.get("case_ids") != [c.case_id for c in chosen[:applied]]:
+            log.warning("ignoring the checkpoint %s: it belongs to another round or run", path)
+            continue
+        if best is None or applied > best[0]:
+            best = (applied, state, meta, path)
+    if best is None:
         return []
-    try:
-        state, meta = load_state(path)
-    except EditorStateError as e:
-        log.warning("ignoring the mid-round checkpoint %s: %s", path, e)
-        return []
-    applied = int(meta.get("applied", 0))
-    if (meta.get("T"), meta.get("start"), meta.get("seed")) != (T, start, seed) or \
-            meta.get("case_ids") != [c.case_id for c in chosen[:applied]]:
-        log.warning("ignoring the mid-round checkpoint %s: it belongs to another round or run", path)
-        return []
+    applied, state, meta, path = best
     editor.load_state_dict(state)
-    log.info("resuming round %d of T=%d after %d applied edits (%s)", start // T, T, meta["applied"], path)
+    log.info("resuming round %d of T=%d after %d applied edits (%s)", start // T, T, applied, path)
     return [float(t) for t in meta["edit_times"]]
 
 
@@ -228,7 +244,8 @@ def _apply_round(editor: Editor, chosen: Sequence[EditCase], T: int, start: int,
     """Apply ``chosen`` one case at a time; every ``checkpoint_every`` cases the editor's state goes to
     ``out/T<T>.round`` so that ``resume`` continues the round from there. Returns the edit times."""
     ckpt = out / f"T{T}.round" if out is not None and checkpoint_every else None
-    edit_times = _resume_round(editor, ckpt, T, start, seed, chosen) if ckpt is not None and resume else []
+    kept = [out / f"state-T{T}"] if out is not None and start == 0 else []  # what --save-states kept
+    edit_times = _resume_round(editor, ([ckpt] if ckpt else []) + kept, T, start, seed, chosen) if resume else []
     bar.update(len(edit_times))
     for k in range(len(edit_times), len(chosen)):
         t0 = time.perf_counter()
@@ -265,7 +282,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
 
     ``score_cases`` (for sets too large to score whole on a CPU): every round still applies all its T
     edits, but only a seeded sample of that many of its cases is scored (and only their locality
-    probes are recorded before editing). Not combinable with ``resume``.
+    probes are recorded before editing).
 
     ``checkpoint_every`` (slow editors): inside a round, the editor's state is saved to
     ``out_dir/T<T>.round`` after every that many cases, and ``resume`` continues the round from it.
@@ -284,8 +301,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
         raise RecipeError("resume and save_states need an output folder")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise RecipeError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
-    if score_cases is not None and (score_cases < 1 or resume):
-        raise RecipeError(f"score_cases must be a positive integer and cannot be combined with resume, got {score_cases}")
+    if score_cases is not None and score_cases < 1:
+        raise RecipeError(f"score_cases must be a positive integer, got {score_cases}")
     pool = seeded_order(cases, seed)[:n_cases]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -304,12 +321,13 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     for T in counts:
         rounds = n_cases // T
         path = out / f"T{T}.jsonl" if out is not None else None
-        rows: list[dict] = _completed_rounds(path, pool, T) if resume else []
+        rows: list[dict] = _completed_rounds(path, pool, T, scored) if resume else []
         if path is not None:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        bar = tqdm(total=rounds * T, initial=len(rows), desc=f"{editor.name}: T={T} ({rounds} round(s))",
+        done = len({r["round"] for r in rows}) * T
+        bar = tqdm(total=rounds * T, initial=done, desc=f"{editor.name}: T={T} ({rounds} round(s))",
                    disable=not progress)
-        for start in range(len(rows), rounds * T, T):
+        for start in range(done, rounds * T, T):
             chosen, idx = pool[start:start + T], scored[(T, start)]
             keep = set(idx)
             qs = [(j, q) for j, q in pool_qs if q.case in keep]
