@@ -189,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None, help="dataset folder (default: $RECIPE_DATA_DIR)")
     ev.add_argument("--out", default=None, help="output folder (default: runs/<editor>-<dataset>-<model>)")
     ev.add_argument("--resume", action="store_true",
-                    help="keep the complete rounds already in the output folder and run only the rest")
+                    help="keep the complete rounds already in the output folder and run only the rest; a round "
+                         "continues from its last checkpoint, or from the state --save-states kept")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
     ev.add_argument("--score-cases", type=int, help="apply every edit of a round but score only a seeded sample "
-                    "of this many of its cases (large sets on a CPU); not with --resume")
+                    "of this many of its cases (large sets on a CPU)")
     ev.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="save the editor's state every N edits inside a round, so that --resume continues a "
                          "round cut short (slow editors: ROME, MEMIT, T-Patcher)")
