@@ -74,6 +74,49 @@ def test_editors_table_reads_eval_runs_and_labels_them(tiny, one_thread, tmp_pat
     assert (tmp_path / "table" / "editors.png").stat().st_size > 1000
 
 
+# ---------------------------------------------------------------------------------------------- general_table
+
+
+def _general_run(root, name, editor, dataset, scores_by_t, seed=0):
+    """A folder as `recipe general` leaves it (general.json + run.json), with the given scores per T."""
+    def scores(mmlu, wikitext):
+        return {"mmlu": {"accuracy": mmlu, "n": 30}, "csqa": {"accuracy": 0.2, "n": 30},
+                "anli": {"accuracy": 0.3, "n": 90}, "squad": {"inv_ppl": 0.1, "n": 30},
+                "wikitext": {"ppl": wikitext, "tokens": 100, "n": 30}}
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    runs = [{"T": t, "edit_s": 1.0, "scores": scores(*v)} for t, v in scores_by_t.items()]
+    (folder / "general.json").write_text(json.dumps({"editor": editor, "model": "smollm2-135m", "seed": seed,
+                                                     "items": {"mmlu": 30}, "runs": runs}))
+    (folder / "run.json").write_text(json.dumps({"argv": ["general", "--editor", editor, "--dataset", dataset]}))
+
+
+def test_general_table_joins_runs_per_editor_and_dataset(tmp_path, benchmark_script):
+    bench = benchmark_script("general_table")
+    results, out = tmp_path / "general", tmp_path / "out"
+    with pytest.raises(SystemExit, match="no general.json"):
+        bench.main(["--results", str(results), "--out", str(out)])
+    _general_run(results, "general-ft-zsre", "ft", "zsre", {0: (0.2, 40.0), 100: (0.3, 55.0)})
+    _general_run(results, "general-ft-zsre-1000", "ft", "zsre", {0: (0.2, 40.0), 1000: (0.25, 130.0)})
+    _general_run(results, "general-rome-counterfact-1000", "rome", "counterfact", {0: (0.2, 40.0), 1000: (0.1, 4e9)})
+    assert bench.main(["--results", str(results), "--out", str(out)]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (out / "table.md").read_text().splitlines()[2:]]
+    assert [r[:4] for r in rows] == [["unedited", "", "0", "0.200"], ["ft", "zsre", "100", "0.300"],
+                                     ["ft", "zsre", "1000", "0.250"], ["rome", "counterfact", "1000", "0.100"]]
+    assert rows[0][7] == "40.000" and rows[2][7] == "130.000" and rows[3][7] == "4.00e+09"
+    assert rows[2][8] == "general/general-ft-zsre-1000"
+    assert (out / "general.png").stat().st_size > 1000
+
+    _general_run(results, "general-x-zsre", "x", "zsre", {0: (0.5, 40.0)})  # another unedited score: refused
+    with pytest.raises(SystemExit, match="unedited scores differ"):
+        bench.main(["--results", str(results), "--out", str(out)])
+    shutil.rmtree(results / "general-x-zsre")
+    _general_run(results, "general-y-zsre", "y", "zsre", {0: (0.2, 40.0)}, seed=1)  # another seed: refused
+    with pytest.raises(SystemExit, match="seed"):
+        bench.main(["--results", str(results), "--out", str(out)])
+
+
 # ---------------------------------------------------------------------------------------------- seen_split
 
 
