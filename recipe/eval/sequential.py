@@ -177,15 +177,17 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     return summary
 
 
-def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int, scored: dict[tuple[int, int], list[int]]) -> list[dict]:
-    """Rows of the complete rounds already in ``path`` (for --resume), round by round: each round of T edits
-    wrote the rows of its scored cases (``scored[(T, start)]``) at once. Checks they match ``pool``; a partly
-    written last round is dropped and redone."""
+def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int,
+                      scored: dict[tuple[int, int], list[int]]) -> tuple[list[dict], int]:
+    """Rows of the complete rounds already in ``path`` (for --resume) and the pool index where the next
+    round starts. Each round of T edits wrote the rows of its scored cases (``scored[(T, start)]``) at
+    once; they are checked against ``pool``, and a partly written last round is dropped and redone."""
     if not path.exists():
-        return []
+        return [], 0
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept: list[dict] = []
-    for start in range(0, len(pool) // T * T, T):
+    start = 0
+    while (T, start) in scored:
         idx = scored[(T, start)]
         block = rows[len(kept):len(kept) + len(idx)]
         if len(block) < len(idx):
@@ -195,7 +197,8 @@ def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int, scored: dict
                 raise RecipeError(f"{path} was written by another run (case {i} is {r.get('case_id')!r}, expected "
                                   f"{pool[i].case_id!r}); use another output folder or drop --resume")
         kept += block
-    return kept
+        start += T
+    return kept, start
 
 
 def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> list[int]:
@@ -239,12 +242,17 @@ def _resume_round(editor: Editor, paths: Sequence[Path], T: int, start: int, see
     return [float(t) for t in meta["edit_times"]]
 
 
+def _kept_state(out: Path, T: int) -> Path:
+    """Where ``save_states`` keeps the editor's state after the first round of T edits."""
+    return out / f"state-T{T}"
+
+
 def _apply_round(editor: Editor, chosen: Sequence[EditCase], T: int, start: int, seed: int, out: Path | None,
                  resume: bool, checkpoint_every: int | None, bar) -> list[float]:
     """Apply ``chosen`` one case at a time; every ``checkpoint_every`` cases the editor's state goes to
     ``out/T<T>.round`` so that ``resume`` continues the round from there. Returns the edit times."""
     ckpt = out / f"T{T}.round" if out is not None and checkpoint_every else None
-    kept = [out / f"state-T{T}"] if out is not None and start == 0 else []  # what --save-states kept
+    kept = [_kept_state(out, T)] if out is not None and start == 0 else []  # what --save-states kept
     edit_times = _resume_round(editor, ([ckpt] if ckpt else []) + kept, T, start, seed, chosen) if resume else []
     bar.update(len(edit_times))
     for k in range(len(edit_times), len(chosen)):
@@ -321,10 +329,9 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     for T in counts:
         rounds = n_cases // T
         path = out / f"T{T}.jsonl" if out is not None else None
-        rows: list[dict] = _completed_rounds(path, pool, T, scored) if resume else []
+        rows, done = _completed_rounds(path, pool, T, scored) if resume else ([], 0)
         if path is not None:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        done = len({r["round"] for r in rows}) * T
         bar = tqdm(total=rounds * T, initial=done, desc=f"{editor.name}: T={T} ({rounds} round(s))",
                    disable=not progress)
         for start in range(done, rounds * T, T):
@@ -333,7 +340,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             qs = [(j, q) for j, q in pool_qs if q.case in keep]
             edit_times = _apply_round(editor, chosen, T, start, seed, out, resume, checkpoint_every, bar)
             if save_states and start == 0:
-                save_state(editor.state_dict(), out / f"state-T{T}", _round_meta(T, start, seed, chosen, edit_times))
+                save_state(editor.state_dict(), _kept_state(out, T), _round_meta(T, start, seed, chosen, edit_times))
             edit_times = [edit_times[i - start] for i in idx]
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation,
                                                 progress=progress and T > 1, desc=f"{editor.name}: T={T}: ")
