@@ -17,10 +17,16 @@ base=benchmarks/results/baselines
 general=benchmarks/results/general
 WANT="$*"
 selected() { [ -z "$WANT" ] || [[ " $WANT " == *" $1 "* ]]; }  # no names given: every run
+# A round still unfinished when a session ends is parked in benchmarks/parked/<run>/ (committed) with
+# `.venv/bin/python benchmarks/park.py park <run>`; the next session's run starts from it, and the
+# parked copy goes once the run's results are written.
 run() { name=$1; shift; selected "$name" || return 0
+        .venv/bin/python benchmarks/park.py unpark "$name"
         .venv/bin/recipe eval --out "runs/$name" --resume "$@"; mkdir -p "$base/$name"
-        cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$base/$name/"; }
+        cp "runs/$name"/{summary.json,table.txt,metrics.png,run.json} "$base/$name/"
+        rm -rf "benchmarks/parked/$name"; }
 grun() { name=$1; shift; selected "$name" || return 0
+         .venv/bin/python benchmarks/park.py unpark "${name#general-}"  # the eval run's kept state, if parked
          .venv/bin/recipe general --out "runs/$name" --n 30 --seed 0 "$@"; mkdir -p "$general/$name"
          cp "runs/$name"/{general.json,general.txt,general.png,run.json} "$general/$name/"; }
 
@@ -39,7 +45,8 @@ run memit-counterfact-1000    --editor memit    --dataset counterfact --edits 10
 
 # FT-M's run above kept no state: this one applies the same 1,000 edits again and keeps it (scoring only
 # 20 cases, no generation; its results are not copied anywhere).
-state() { name=$1; shift; selected "$name" || return 0; .venv/bin/recipe eval --out "runs/$name" --resume "$@"; }
+state() { name=$1; shift; selected "$name" || return 0; .venv/bin/python benchmarks/park.py unpark "$name"
+          .venv/bin/recipe eval --out "runs/$name" --resume "$@"; }
 state ftm-zsre-1000-state --editor ftm --dataset zsre --edits 1000 --checkpoint-every 50 --save-states \
   --no-generation --score-cases 20
 

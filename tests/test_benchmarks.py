@@ -361,3 +361,51 @@ def test_benchmark_scripts_parse_and_reproduce_every_t1000_result():
         for flag in ("--editor", "--dataset", "--edits"):
             got = lines[result.name]
             assert got[got.index(flag) + 1] == argv[argv.index(flag) + 1], (result.name, flag)
+
+
+# ---------------------------------------------------------------------------------------------- park.py
+
+
+def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, benchmark_script):
+    """park.py carries a mid-round checkpoint and the unedited record to another runs/ folder (a new
+    session's checkout); the resumed round applies only the missing edits and scores as an unbroken one."""
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import run_sequential
+
+    park = benchmark_script("park")
+    cases = load_dataset("demo")
+
+    def ft():
+        return load_editor("ft", tiny, **FAST_FT)
+
+    full = run_sequential(tiny, ft(), cases, [4], out_dir=tmp_path / "full", progress=False).summaries[4]
+    crashing, calls = ft(), []
+    inner = crashing.edit
+
+    def edit(requests):
+        calls.append(requests)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the session ends while the 4th edit is applied
+        return inner(requests)
+
+    crashing.edit = edit
+    old_runs, new_runs, parked = tmp_path / "old", tmp_path / "new", tmp_path / "parked"
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(tiny, crashing, cases, [4], out_dir=old_runs / "r", progress=False, checkpoint_every=2)
+    crashing.rollback()
+    assert park.main(["park", "r", "--runs-dir", str(old_runs), "--parked-dir", str(parked)]) == 0
+    assert sorted(p.name for p in (parked / "r").iterdir()) == ["T4.round", "unedited.json"]
+    assert park.main(["unpark", "r", "--runs-dir", str(new_runs), "--parked-dir", str(parked)]) == 0
+    assert park._applied(new_runs / "r" / "T4.round") == 2
+    assert park.unpark(parked / "r", new_runs / "r") == []  # nothing newer to copy a second time
+
+    again, applied = ft(), []
+    inner_again = again.edit
+    again.edit = lambda requests: applied.append(requests) or inner_again(requests)
+    resumed = run_sequential(tiny, again, cases, [4], out_dir=new_runs / "r", resume=True, progress=False,
+                             checkpoint_every=2).summaries[4]
+    assert applied == calls[2:4]  # edits 1-2 came from the parked state
+    assert resumed["tf"] == pytest.approx(full["tf"], abs=1e-6)
+    assert resumed["em"] == full["em"]
+    with pytest.raises(SystemExit, match="no state to park"):
+        park.park(tmp_path / "full", tmp_path / "nothing")  # a finished round without --save-states
