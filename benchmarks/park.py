@@ -35,10 +35,15 @@ def _applied(path: Path) -> int:
         return -1
 
 
-def _copy_state(src: Path, dst: Path) -> int:
+def _copy_state(src: Path, dst: Path, unless_applied: int = -1) -> int | None:
+    """Copy the state at ``src`` to ``dst`` (read once, checked, written atomically) and return its applied
+    edits; None, writing nothing, when it has no more than ``unless_applied``."""
     state, meta = load_state(src)  # raises EditorStateError on a broken state: nothing is written
+    applied = int(meta.get("applied", 0))
+    if applied <= unless_applied:
+        return None
     save_state(state, dst, meta)
-    return int(meta.get("applied", 0))
+    return applied
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -88,8 +93,9 @@ def unpark(parked: Path, run: Path) -> list[str]:
     for path in sorted(parked.iterdir()):
         if ROUND.fullmatch(path.name) and path.is_dir():
             have = _applied(run / path.name)
-            if have < _applied(path):
-                done.append(f"{path.name} ({_copy_state(path, run / path.name)} edits applied; here: {max(have, 0)})")
+            applied = _copy_state(path, run / path.name, unless_applied=have)
+            if applied is not None:
+                done.append(f"{path.name} ({applied} edits applied; here: {max(have, 0)})")
         elif path.name == "unedited.json" and not (run / path.name).exists():
             _copy_file(path, run / path.name)
             done.append(path.name)
