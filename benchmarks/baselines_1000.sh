@@ -59,6 +59,8 @@ grun general-rome-zsre-1000     --editor rome     --dataset zsre --edits 1000 --
 grun general-memit-zsre-1000    --editor memit    --dataset zsre --edits 1000 --editor-state runs/memit-zsre-1000/state-T1000
 grun general-ftm-zsre-1000      --editor ftm      --dataset zsre --edits 1000 --editor-state runs/ftm-zsre-1000-state/state-T1000
 
-# ROME after its 1,000 CounterFact edits (its zsRE run is not done yet).
+# ROME and MEMIT after their 1,000 CounterFact edits.
 grun general-rome-counterfact-1000 --editor rome --dataset counterfact --edits 1000 \
   --editor-state runs/rome-counterfact-1000/state-T1000
+grun general-memit-counterfact-1000 --editor memit --dataset counterfact --edits 1000 \
+  --editor-state runs/memit-counterfact-1000/state-T1000
