@@ -34,6 +34,8 @@ run mend-zsre-1000            --editor mend     --dataset zsre        --edits 10
 run mend-counterfact-1000     --editor mend     --dataset counterfact --edits 1000
 run ft-zsre-1000              --editor ft       --dataset zsre        --edits 1000 --checkpoint-every 100 --save-states
 run ftm-zsre-1000             --editor ftm      --dataset zsre        --edits 1000 --checkpoint-every 50
+run ft-counterfact-1000       --editor ft       --dataset counterfact --edits 1000 --checkpoint-every 100 --save-states
+run ftm-counterfact-1000      --editor ftm      --dataset counterfact --edits 1000 --checkpoint-every 50 --save-states
 run grace-zsre-1000           --editor grace    --dataset zsre        --edits 1000 --checkpoint-every 20 --save-states
 run grace-counterfact-1000    --editor grace    --dataset counterfact --edits 1000 --checkpoint-every 25 --save-states
 run tpatcher-zsre-1000        --editor tpatcher --dataset zsre        --edits 1000 --checkpoint-every 25 --save-states
