@@ -66,3 +66,9 @@ grun general-rome-counterfact-1000 --editor rome --dataset counterfact --edits 1
   --editor-state runs/rome-counterfact-1000/state-T1000
 grun general-memit-counterfact-1000 --editor memit --dataset counterfact --edits 1000 \
   --editor-state runs/memit-counterfact-1000/state-T1000
+
+# FT-L and FT-M after their 1,000 CounterFact edits.
+grun general-ft-counterfact-1000  --editor ft  --dataset counterfact --edits 1000 \
+  --editor-state runs/ft-counterfact-1000/state-T1000
+grun general-ftm-counterfact-1000 --editor ftm --dataset counterfact --edits 1000 \
+  --editor-state runs/ftm-counterfact-1000/state-T1000
