@@ -409,3 +409,60 @@ def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, 
     assert resumed["em"] == full["em"]
     with pytest.raises(SystemExit, match="no state to park"):
         park.park(tmp_path / "full", tmp_path / "nothing")  # a finished round without --save-states
+
+
+# ---------------------------------------------------------------------------------------------- trajectory
+
+
+def test_trajectory_probes_every_k_edits_and_resumes_where_it_stopped(tiny, one_thread, tmp_path, benchmark_script):
+    """trajectory.py: a probe before the first edit and after every K (and the last); a run stopped
+    mid-way continues from its last probe's state and ends with the unbroken run's probes."""
+    from recipe.data import load_dataset
+    from recipe.errors import RecipeError
+
+    traj = benchmark_script("trajectory")
+    order = load_dataset("demo")[:5]
+    paragraphs = [" ".join(f"word{i}" for i in range(20))] * 2
+    meta = {"editor": "ft", "edits": 5}
+
+    def ft():
+        return load_editor("ft", tiny, **FAST_FT)
+
+    first = ft()
+    full = traj.run(tiny, first, order, 2, 3, paragraphs, tmp_path / "full", meta, progress=False)
+    first.rollback()
+    assert [r["edits"] for r in full] == [0, 2, 4, 5]
+    assert full[0]["recent"] is None and full[0]["locality"] == 1.0  # the unedited model agrees with itself
+    assert full[1]["early"] > full[0]["early"]  # the first edits took
+    assert all(r["wikitext_ppl"] > 1 for r in full)
+
+    crashing, calls = ft(), []
+    inner = crashing.edit
+
+    def edit(requests):
+        calls.append(requests)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # stopped while the 4th edit is applied: the probe after edit 2 is kept
+        return inner(requests)
+
+    crashing.edit = edit
+    with pytest.raises(KeyboardInterrupt):
+        traj.run(tiny, crashing, order, 2, 3, paragraphs, tmp_path / "r", meta, progress=False)
+    crashing.rollback()
+    again, applied = ft(), []
+    inner_again = again.edit
+    again.edit = lambda requests: applied.append(requests) or inner_again(requests)
+    resumed = traj.run(tiny, again, order, 2, 3, paragraphs, tmp_path / "r", meta, progress=False)
+    assert applied == [c.requests for c in order[2:]]  # edits 1-2 came from the saved state
+    assert [r["edits"] for r in resumed] == [0, 2, 4, 5]
+    for got, want in zip(resumed, full):
+        for key in ("early", "recent", "locality", "wikitext_ppl"):
+            expected = None if want[key] is None else pytest.approx(want[key], rel=1e-5)
+            assert got[key] == expected, (got["edits"], key)
+    again.rollback()
+
+    with pytest.raises(RecipeError, match="another trajectory"):
+        traj.run(tiny, ft(), order, 2, 3, paragraphs, tmp_path / "r", {"editor": "ft", "edits": 4}, progress=False)
+    table = traj.report(tmp_path / "r", "ft on demo")
+    assert [line.split(" | ")[0] for line in table.splitlines()[4:]] == ["| 0", "| 2", "| 4", "| 5"]
+    assert (tmp_path / "r" / "trajectory.png").stat().st_size > 0
