@@ -33,18 +33,28 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from recipe.editors.state_file import load_state, save_state  # noqa: E402
 from recipe.errors import RecipeError  # noqa: E402
+from recipe.eval.general import score_wikitext  # noqa: E402
 from recipe.eval.metrics import locality_accuracy  # noqa: E402
 
 log = logging.getLogger("benchmarks.trajectory")
 METRICS = ("early", "recent", "locality")
 
 
+def _score(lm, pairs: list[tuple[str, str]]) -> list:
+    """``lm.score`` of (prompt, target) pairs ([] for none)."""
+    return lm.score([p for p, _ in pairs], [t for _, t in pairs]) if pairs else []
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _reliability(lm, cases) -> float | None:
-    pairs = [(r.prompt, r.target_new) for c in cases for r in c.requests]
-    if not pairs:
-        return None
-    scores = lm.score([p for p, _ in pairs], [t for _, t in pairs])
-    return sum(s.accuracy for s in scores) / len(scores)
+    return _mean([s.accuracy for s in _score(lm, [(r.prompt, r.target_new) for c in cases for r in c.requests])])
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines() if line.strip()]
 
 
 class Probe:
@@ -53,20 +63,16 @@ class Probe:
     def __init__(self, lm, order, probe_cases: int, every: int, wikitext: list[str]):
         self.order, self.every, self.n = order, every, probe_cases
         self.loc = [(p.prompt, p.target) for c in order[:probe_cases] for p in c.locality]
-        self.base = lm.score([p for p, _ in self.loc], [t for _, t in self.loc]) if self.loc else []
+        self.base = _score(lm, self.loc)
         self.wikitext = wikitext
 
     def __call__(self, lm, edits: int) -> dict:
-        from recipe.eval.general import score_wikitext
-
         t0 = time.perf_counter()
         recent = self.order[max(0, edits - min(self.every, self.n)):edits]
-        after = lm.score([p for p, _ in self.loc], [t for _, t in self.loc]) if self.loc else []
         early = self.order[:min(edits, self.n) if edits else self.n]  # at 0: the unedited model on them
         row = {"edits": edits, "early": _reliability(lm, early),
                "recent": _reliability(lm, recent),
-               "locality": (sum(locality_accuracy(b, a) for b, a in zip(self.base, after)) / len(after)
-                            if after else None),
+               "locality": _mean([locality_accuracy(b, a) for b, a in zip(self.base, _score(lm, self.loc))]),
                "wikitext_ppl": score_wikitext(lm, self.wikitext)["ppl"] if self.wikitext else None}
         row["probe_s"] = time.perf_counter() - t0
         return row
@@ -78,12 +84,11 @@ def _resume(out: Path, editor, meta: dict) -> list[dict]:
     if not any(out.glob("trajectory.state*")) or not rows_file.exists():  # (an atomic save's leftovers too)
         return []
     state, saved = load_state(state_dir)
-    if {k: saved.get(k) for k in meta} != meta:
-        raise RecipeError(f"{out} holds another trajectory ({ {k: saved.get(k) for k in meta} }); "
-                          f"use another --out or delete it")
+    theirs = {k: saved.get(k) for k in meta}
+    if theirs != meta:
+        raise RecipeError(f"{out} holds another trajectory ({theirs}); use another --out or delete it")
     editor.load_state_dict(state)
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["edits"] <= saved["applied"]]
+    return [r for r in _rows(out) if r["edits"] <= saved["applied"]]
 
 
 def run(lm, editor, order, every: int, probe_cases: int, wikitext: list[str], out: Path, meta: dict,
@@ -128,7 +133,7 @@ def report(out: Path, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines() if line.strip()]
+    rows = _rows(out)
     lines = [f"{title}", "", "| edits | early reliability | recent reliability | locality | WikiText ppl | edit s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['edits']} | {_fmt(r['early'])} | {_fmt(r['recent'])} | {_fmt(r['locality'])} | "

@@ -366,6 +366,29 @@ def test_benchmark_scripts_parse_and_reproduce_every_t1000_result():
 # ---------------------------------------------------------------------------------------------- park.py
 
 
+def _recording(editor, applied: list):
+    """``editor`` with each ``edit`` call's requests appended to ``applied``."""
+    inner = editor.edit
+    editor.edit = lambda requests: applied.append(requests) or inner(requests)
+    return editor
+
+
+def _stopping_at(editor, n: int, calls: list):
+    """``editor`` recording its ``edit`` calls in ``calls`` and interrupted during the ``n``-th (a session
+    that ends while an edit is applied)."""
+    inner = _recording(editor, calls).edit
+
+    def edit(requests):
+        if len(calls) == n - 1:
+            calls.append(requests)
+            raise KeyboardInterrupt
+        return inner(requests)
+
+    editor.edit = edit
+    return editor
+
+
+
 def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, benchmark_script):
     """park.py carries a mid-round checkpoint and the unedited record to another runs/ folder (a new
     session's checkout); the resumed round applies only the missing edits and scores as an unbroken one."""
@@ -379,16 +402,8 @@ def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, 
         return load_editor("ft", tiny, **FAST_FT)
 
     full = run_sequential(tiny, ft(), cases, [4], out_dir=tmp_path / "full", progress=False).summaries[4]
-    crashing, calls = ft(), []
-    inner = crashing.edit
-
-    def edit(requests):
-        calls.append(requests)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # the session ends while the 4th edit is applied
-        return inner(requests)
-
-    crashing.edit = edit
+    calls = []
+    crashing = _stopping_at(ft(), 4, calls)  # the session ends while the 4th edit is applied
     old_runs, new_runs, parked = tmp_path / "old", tmp_path / "new", tmp_path / "parked"
     with pytest.raises(KeyboardInterrupt):
         run_sequential(tiny, crashing, cases, [4], out_dir=old_runs / "r", progress=False, checkpoint_every=2)
@@ -399,9 +414,8 @@ def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, 
     assert park._applied(new_runs / "r" / "T4.round") == 2
     assert park.unpark(parked / "r", new_runs / "r") == []  # nothing newer to copy a second time
 
-    again, applied = ft(), []
-    inner_again = again.edit
-    again.edit = lambda requests: applied.append(requests) or inner_again(requests)
+    applied = []
+    again = _recording(ft(), applied)
     resumed = run_sequential(tiny, again, cases, [4], out_dir=new_runs / "r", resume=True, progress=False,
                              checkpoint_every=2).summaries[4]
     assert applied == calls[2:4]  # edits 1-2 came from the parked state
@@ -436,22 +450,12 @@ def test_trajectory_probes_every_k_edits_and_resumes_where_it_stopped(tiny, one_
     assert full[1]["early"] > full[0]["early"]  # the first edits took
     assert all(r["wikitext_ppl"] > 1 for r in full)
 
-    crashing, calls = ft(), []
-    inner = crashing.edit
-
-    def edit(requests):
-        calls.append(requests)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # stopped while the 4th edit is applied: the probe after edit 2 is kept
-        return inner(requests)
-
-    crashing.edit = edit
+    crashing = _stopping_at(ft(), 4, [])  # stopped while the 4th edit is applied: the probe after edit 2 is kept
     with pytest.raises(KeyboardInterrupt):
         traj.run(tiny, crashing, order, 2, 3, paragraphs, tmp_path / "r", meta, progress=False)
     crashing.rollback()
-    again, applied = ft(), []
-    inner_again = again.edit
-    again.edit = lambda requests: applied.append(requests) or inner_again(requests)
+    applied = []
+    again = _recording(ft(), applied)
     resumed = traj.run(tiny, again, order, 2, 3, paragraphs, tmp_path / "r", meta, progress=False)
     assert applied == [c.requests for c in order[2:]]  # edits 1-2 came from the saved state
     assert [r["edits"] for r in resumed] == [0, 2, 4, 5]
