@@ -1,0 +1,98 @@
+"""The report's figures: one panel per dataset (or quantity), one line per editor, every line in the legend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.report import tables
+from benchmarks.report.results import Results
+
+HARDWARE = "2-core CPU, SmolLM2-135M-Instruct fp32"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    _pyplot().close(fig)
+    return path
+
+
+def editors(results: Results, path: Path) -> Path:
+    """Rows: reliability, generality, locality (teacher-forced); columns: zsRE, CounterFact; x: T."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(tables.METRICS), len(tables.DATASETS), figsize=(10, 10), sharex=True, squeeze=False)
+    names = list(tables.HEADLINE_RUNS["zsre"])
+    for col, (dataset, title) in enumerate(tables.DATASETS.items()):
+        for row, metric in enumerate(tables.METRICS):
+            ax = axes[row][col]
+            for k, editor in enumerate(names):
+                picked = [tables.headline_cell(results, dataset, editor, t)[1] for t in tables.COLUMNS]
+                ax.plot(tables.COLUMNS, [s["tf"][metric] for s in picked], marker="os^vD<>P"[k], color=f"C{k}",
+                        label=editor)
+            ax.set_xscale("log")
+            ax.set_xticks(tables.COLUMNS, [f"{t:,}" for t in tables.COLUMNS])
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{title}: {metric}")
+            if row == len(tables.METRICS) - 1:
+                ax.set_xlabel("T, edits applied one by one before scoring")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.suptitle(f"Every editor against the number of edits (teacher-forced; {HARDWARE})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.98))
+    return _save(fig, path)
+
+
+def general(results: Results, path: Path) -> Path:
+    """WikiText perplexity after T edits, one panel per dataset the edits came from, one line per editor."""
+    plt = _pyplot()
+    rows = results.general()
+    base = next(r for r in rows if r["T"] == 0)["scores"]["wikitext"]["ppl"]
+    fig, axes = plt.subplots(1, len(tables.DATASETS), figsize=(10, 4.2), sharey=True, squeeze=False)
+    names = [e for e in tables.EDITOR_NAMES if e != "unedited"]
+    for ax, (dataset, title) in zip(axes[0], tables.DATASETS.items()):
+        for k, editor in enumerate(names):
+            points = sorted((r["T"], r["scores"]["wikitext"]["ppl"]) for r in rows
+                            if r["editor"] == editor and r["dataset"] == dataset)
+            if points:
+                ax.plot([0] + [t for t, _ in points], [base] + [p for _, p in points], marker="os^vD<>P"[k],
+                        color=f"C{k}", label=tables.EDITOR_NAMES[editor])
+        ax.set_yscale("log")
+        ax.set_xlabel("T, edits applied before measuring")
+        ax.set_title(f"edits from {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0][0].set_ylabel("WikiText perplexity (log scale)")
+    fig.suptitle(f"Language modelling after lifelong editing ({HARDWARE})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def trajectory(results: Results, name: str, path: Path) -> Path:
+    """Reliability of the first and the latest 50 edits and locality (left), WikiText perplexity (right)."""
+    plt = _pyplot()
+    probes = results.trajectory(name)
+    xs = [p["edits"] for p in probes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("early", "first 50 edits"), ("recent", "latest 50 edits"), ("locality", "locality")):
+        left.plot(xs, [float("nan") if p[key] is None else p[key] for p in probes], marker="o", ms=3, label=label)
+    left.set_ylim(-0.02, 1.02)
+    left.set_title("teacher-forced accuracy")
+    left.legend(fontsize=8)
+    right.plot(xs, [p["wikitext_ppl"] for p in probes], marker="o", ms=3, color="C3")
+    right.set_yscale("log")
+    right.set_title("WikiText perplexity (10 paragraphs)")
+    for ax in (left, right):
+        ax.set_xlabel("edits applied")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MEMIT, 1,000 sequential zsRE edits probed every 50 ({HARDWARE})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
