@@ -58,14 +58,16 @@ def general(results: Results, path: Path) -> Path:
     base = next(r for r in rows if r["T"] == 0)["scores"]["wikitext"]["ppl"]
     fig, axes = plt.subplots(1, len(tables.DATASETS), figsize=(10, 4.2), sharey=True, squeeze=False)
     names = [e for e in tables.EDITOR_NAMES if e != "unedited"]
+    steps = sorted({r["T"] for r in rows})
     for ax, (dataset, title) in zip(axes[0], tables.DATASETS.items()):
         for k, editor in enumerate(names):
             points = sorted((r["T"], r["scores"]["wikitext"]["ppl"]) for r in rows
                             if r["editor"] == editor and r["dataset"] == dataset)
-            if points:
-                ax.plot([0] + [t for t, _ in points], [base] + [p for _, p in points], marker="os^vD<>P"[k],
-                        color=f"C{k}", label=tables.EDITOR_NAMES[editor])
+            if points:  # T = 0, 100, 1,000 evenly spaced
+                ax.plot([0] + [steps.index(t) for t, _ in points], [base] + [p for _, p in points],
+                        marker="os^vD<>P"[k], color=f"C{k}", label=tables.EDITOR_NAMES[editor], alpha=0.85)
         ax.set_yscale("log")
+        ax.set_xticks(range(len(steps)), [f"{t:,}" for t in steps])
         ax.set_xlabel("T, edits applied before measuring")
         ax.set_title(f"edits from {title}")
         ax.grid(alpha=0.3)

@@ -98,7 +98,8 @@ def value(results: Results, run: str, T: int, key: str, subset: str | None = Non
 
 def runs_table(results: Results, rows: Sequence[tuple[str, str, int, str | None]], never_seen: bool = True) -> str:
     """Rows ``(label, run, T, subset)``: tf / em per metric (em "—" where a run skipped generation)."""
-    head = ["run", "T", "cases", *METRICS] + (["never-seen targets: rel / gen (tf)"] if never_seen else []) + ["edit ms"]
+    extra_head = ["never-seen targets: rel / gen (tf)"] if never_seen else []
+    head = ["run", "T", "cases", *METRICS, *extra_head, "edit ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, run, T, subset in rows:
         s = results.summary(run, T)
@@ -124,13 +125,15 @@ def _never_seen(results: Results, run: str, T: int) -> str:
     split = json.loads(path.read_text()).get(f"T{T}", {}).get("never-seen") if path.is_file() else None
     if not split or split.get("tf/reliability") is None:
         return ""
-    return f"{split['tf/reliability']:.3f} / {split['tf/generality']:.3f} ({split['cases']:,} case{'s' if split['cases'] != 1 else ''})"
+    n = split["cases"]
+    return f"{split['tf/reliability']:.3f} / {split['tf/generality']:.3f} ({n:,} case{'s' if n != 1 else ''})"
 
 
 PREFIXES = {"none": "none (unedited model)", "statement": "the statement's tokens, no training",
             "statement + \\n": "statement + `\\n`, no training",
             "recipe-smollm2: vectors": "shipped checkpoint: 3 learned vectors alone",
-            "recipe-smollm2: vectors+statement, sep '\\n' (trained)": "shipped: vectors + statement + `\\n` (as trained)",
+            "recipe-smollm2: vectors+statement, sep '\\n' (trained)":
+                "shipped: vectors + statement + `\\n` (as trained)",
             "recipe-smollm2: vectors+statement, sep '' (not trained)": "shipped: vectors + statement, no separator"}
 
 
@@ -166,7 +169,7 @@ def general(results: Results) -> str:
         lines.append("| " + " | ".join([
             EDITOR_NAMES[r["editor"]], DATASETS.get(r["dataset"], ""), f"{r['T']:,}",
             f"{sc['mmlu']['accuracy']:.3f}", f"{sc['csqa']['accuracy']:.3f}",
-            f"{anli['accuracy']:.3f} ({anli['accuracy/r1']:.3f} / {anli['accuracy/r2']:.3f} / {anli['accuracy/r3']:.3f})",
+            f"{anli['accuracy']:.3f} (" + " / ".join(f"{anli[f'accuracy/r{i}']:.3f}" for i in (1, 2, 3)) + ")",
             f"{sc['squad']['inv_ppl']:.3f}", _ppl(sc["wikitext"]["ppl"])]) + " |")
     return "\n".join(lines)
 
