@@ -6,7 +6,7 @@ from pathlib import Path
 from benchmarks.report import tables
 from benchmarks.report.results import Results
 
-HARDWARE = "2-core CPU, SmolLM2-135M-Instruct fp32"
+HARDWARE = "2-core CPU; SmolLM2-135M-Instruct, fp32 de-quantised from Q4_1"
 
 
 def _pyplot():
