@@ -39,16 +39,14 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.seen_split import mean_known, training_targets  # noqa: E402
 from recipe.data import load_dataset  # noqa: E402
-from recipe.editors.recipe import build_prefix, load_artifact, statement_token_ids  # noqa: E402
-from recipe.lm import EditedLM  # noqa: E402
+from recipe.editors.recipe import edit_prefix, load_artifact, statement_token_ids  # noqa: E402
+from recipe.lm import EditedLM, Prefix  # noqa: E402
 from recipe.models import load_model  # noqa: E402
 
 
 def _variants(lm: EditedLM, checkpoints: list[str]):
-    emb = lm.model.get_input_embeddings()
-
     def statement(sep):
-        return lambda r: emb(torch.tensor(statement_token_ids(lm, r.statement, sep), device=lm.device))
+        return lambda r: Prefix(token_ids=statement_token_ids(lm, r.statement, sep))
 
     out = {"none": lambda r: None, "statement": statement(""), "statement + \\n": statement("\n")}
     for path in checkpoints:
@@ -59,11 +57,11 @@ def _variants(lm: EditedLM, checkpoints: list[str]):
         def vectors(r, nets=nets):
             return nets.prompt_encoder(nets.encoder.encode_knowledge([r.statement]))[0]
 
-        out[f"{name}: vectors"] = vectors
+        out[f"{name}: vectors"] = lambda r, v=vectors: Prefix(v(r))
         for sep in dict.fromkeys([trained_sep, "\n" if trained_sep == "" else ""]):
             tag = "trained" if sep == trained_sep else "not trained"
             out[f"{name}: vectors+statement, sep {sep!r} ({tag})"] = (
-                lambda r, v=vectors, s=sep: build_prefix(lm, v(r), statement_token_ids(lm, r.statement, s)))
+                lambda r, v=vectors, s=sep: edit_prefix(v(r), statement_token_ids(lm, r.statement, s)))
     return out
 
 

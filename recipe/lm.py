@@ -1,4 +1,4 @@
-"""EditedLM: a Hugging Face causal LM plus optional per-prompt prefixes of continuous embeddings.
+"""EditedLM: a Hugging Face causal LM plus optional per-prompt prefixes.
 
 Every input is laid out left-padded as ``[pad ; prefix_i ; prompt_i ; target_i]`` and fed as
 ``inputs_embeds`` with ``position_ids = cumsum(mask) - 1`` (with left padding and embeddings the
@@ -10,13 +10,14 @@ logits that predict target token ``j`` of row ``i`` sit at ``T - len_i + j - 1``
 model, and a prefix retrieved again is not recomputed. ``target_logprobs`` (differentiable, used
 in training) keeps the inline layout.
 
-With no prefixes the output equals the base model's own ``generate`` (a test shows it). RECIPE plugs
-in through ``prefix_provider``: a callable that maps the prompt texts (the question only, never
-teacher-forced answer tokens) to one ``(l, H)`` tensor or ``None`` per prompt.
+A :class:`Prefix` says WHAT to put before a prompt: learned vectors and/or token ids. The LM does
+all embedding (:meth:`EditedLM.prefix_embeddings`), so calls go one way: RECIPE plugs in through
+``prefix_provider``, a callable that maps the prompt texts (the question only, never teacher-forced
+answer tokens) to one :class:`Prefix` or ``None`` per prompt. With no prefixes the output equals the
+base model's own ``generate`` (a test shows it).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -24,10 +25,34 @@ import torch
 from torch import Tensor, nn
 
 from recipe.errors import RecipeError
-from recipe.prefix_cache import PrefixKVCache
+from recipe.prefix_cache import PrefixKVCache, cache_kwargs
 
-PrefixProvider = Callable[[Sequence[str]], list["Tensor | None"]]
 AUTO = "auto"
+
+
+@dataclass(frozen=True, eq=False)
+class Prefix:
+    """What to put before one prompt: ``vectors`` (l, H), then the LM's embeddings of ``token_ids``.
+
+    Either part may be absent, not both. ``vectors`` may require grad (training, refinement): the
+    embedded prefix is differentiable in them.
+    """
+
+    vectors: Tensor | None = None  # (l, H) continuous prompt vectors
+    token_ids: tuple[int, ...] = ()  # tokens whose embeddings follow the vectors
+
+    def __post_init__(self):
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+        if self.vectors is None and not self.token_ids:
+            raise RecipeError("an empty prefix: give vectors, token ids or both")
+        if self.vectors is not None and (self.vectors.dim() != 2 or self.vectors.shape[0] == 0):
+            raise RecipeError(f"prefix vectors of shape {tuple(self.vectors.shape)}; expected (l, H) with l > 0")
+
+    def __len__(self) -> int:
+        return (0 if self.vectors is None else self.vectors.shape[0]) + len(self.token_ids)
+
+
+PrefixProvider = Callable[[Sequence[str]], list["Prefix | None"]]
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,6 @@ class EditedLM(nn.Module):
         self.max_batch = max_batch  # rows per forward pass in score()/generate()
         self.prefix_provider: PrefixProvider | None = None
         self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate() and score()
-        self._residual_mlp: dict[int, bool] = {}  # layer -> mlp_output_is_residual(layer), checked once
         _contiguous_head_input(model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -142,17 +166,29 @@ class EditedLM(nn.Module):
         return ids
 
     # ---- layout ------------------------------------------------------------------------------
+    def prefix_embeddings(self, prefix: Prefix) -> Tensor:
+        """The prefix as the model sees it (l + n, H): its vectors, then its tokens' input embeddings."""
+        if not isinstance(prefix, Prefix):
+            raise RecipeError(f"a prefix must be a recipe.lm.Prefix or None, not {type(prefix).__name__}")
+        vectors = prefix.vectors
+        if vectors is not None and vectors.shape[1] != self.hidden_size:
+            raise RecipeError(f"prefix vectors of shape {tuple(vectors.shape)}; expected (l, {self.hidden_size})")
+        if not prefix.token_ids:
+            return vectors
+        emb = self.model.get_input_embeddings()(torch.tensor(prefix.token_ids, device=self.device))  # (n, H)
+        if vectors is None:
+            return emb
+        return torch.cat([vectors.to(device=emb.device, dtype=emb.dtype), emb], dim=0)  # (l + n, H)
+
     def _resolve_prefixes(self, prompts: Sequence[str], prefixes) -> list[Tensor | None]:
+        """The embedded prefix (l, H) of each prompt, or None: ``prefixes`` given, or the provider's (AUTO)."""
         if isinstance(prefixes, str) and prefixes == AUTO:
             prefixes = self.prefix_provider(prompts) if self.prefix_provider is not None else None
         if prefixes is None:
             return [None] * len(prompts)
         if len(prefixes) != len(prompts):
             raise RecipeError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
-        for p in prefixes:
-            if p is not None and (p.dim() != 2 or p.shape[1] != self.hidden_size):
-                raise RecipeError(f"prefix of shape {tuple(p.shape)}; expected (l, {self.hidden_size})")
-        return list(prefixes)
+        return [None if p is None else self.prefix_embeddings(p) for p in prefixes]
 
     def embed(self, prompts: Sequence[str], prefixes=AUTO, targets: Sequence[str] | None = None,
               extra_tokens: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,60 +238,7 @@ class EditedLM(nn.Module):
         embeds, mask, pos = self.embed(prompts, prefixes, targets)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                          logits_to_keep=self.target_columns(L), use_cache=False)
-        return self._gold(out.logits, t_ids)
-
-    @contextmanager
-    def layer_output(self, layer: int) -> Iterator[dict[str, Tensor]]:
-        """Within the block, each forward stores decoder ``layer``'s output (B, T, H) under ``"z"``."""
-        got: dict[str, Tensor] = {}
-        handle = self.module(f"{self.spec.layers}.{layer}").register_forward_hook(
-            lambda module, args, out: got.__setitem__("z", out[0] if isinstance(out, tuple) else out))
-        try:
-            yield got
-        finally:
-            handle.remove()
-
-    def mlp_output_is_residual(self, layer: int) -> bool:
-        """Whether a vector added to ``layer``'s MLP output reaches the residual stream unchanged, as in
-        Llama, so that adding it to the decoder layer's output is the same (the premise of
-        :meth:`forward_above`-based shortcuts in ROME/MEMIT, T-Patcher and GRACE). Gemma-3 normalises the
-        MLP output: False. Checked once per layer on a probe sentence, against a hook on the MLP."""
-        if layer not in self._residual_mlp:
-            embeds, mask, pos = self.embed(["The capital of France is"], prefixes=None)
-            add = torch.randn(self.hidden_size, generator=torch.Generator().manual_seed(0)).to(embeds)
-            mlp = self.module(self.spec.mlp_out.format(layer).rsplit(".", 1)[0])
-            handle = mlp.register_forward_hook(lambda module, args, out: out + add)
-            try:
-                with torch.no_grad():
-                    want = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
-            finally:
-                handle.remove()
-            with torch.no_grad(), self.layer_output(layer) as got:
-                self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-                shortcut = self.forward_above(layer, got["z"] + add, mask, pos).logits
-            self._residual_mlp[layer] = bool(torch.allclose(want, shortcut, rtol=1e-4, atol=1e-3))
-        return self._residual_mlp[layer]
-
-    def forward_above(self, layer: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      logits_to_keep: int | Tensor = 0, past_key_values=None):
-        """The model's output when ``hidden`` (B, T, H) is the residual stream after decoder ``layer``:
-        only the layers above it, the final norm and the head run.
-
-        The decoder's layer list is swapped for its tail during the call (and restored), so the model's
-        own forward builds the masks and rotary embeddings (:meth:`mlp_output_is_residual` checks it
-        against a full forward).
-        ``past_key_values``: keys/values of earlier positions for every layer (``FrozenPrefix``)."""
-        parent, name = self.spec.layers.rsplit(".", 1)
-        decoder, layers = self.module(parent), self.module(self.spec.layers)
-        if not 0 <= layer < len(layers):
-            raise RecipeError(f"layer {layer} out of range for a model of {len(layers)} layers")
-        setattr(decoder, name, nn.ModuleList(list(layers)[layer + 1:]))
-        try:
-            return self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                              logits_to_keep=logits_to_keep, past_key_values=past_key_values,
-                              use_cache=past_key_values is not None)
-        finally:
-            setattr(decoder, name, layers)
+        return self.gold_logprobs(out.logits, t_ids)
 
     def target_columns(self, L: int) -> Tensor:
         """``logits_to_keep`` for the L columns whose logits predict the L (right-aligned) target slots of a
@@ -274,7 +257,7 @@ class EditedLM(nn.Module):
             tmask[i, L - len(t):] = 1
         return labels, tmask
 
-    def _gold(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def gold_logprobs(self, logits: Tensor, t_ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``target_logprobs``'s outputs from the logits (B, L, V) of :meth:`target_columns`."""
         L = max(len(t) for t in t_ids)
         if logits.shape[1] != L:
@@ -293,9 +276,9 @@ class EditedLM(nn.Module):
         cache, embeds, mask = self._cached_inputs(prompts, prefs, targets)
         P = mask.shape[1] - embeds.shape[1]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # positions continue after each row's prefix
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache),
                          logits_to_keep=self.target_columns(max(len(t) for t in t_ids)))
-        return self._gold(out.logits, t_ids)
+        return self.gold_logprobs(out.logits, t_ids)
 
     def _cached_inputs(self, prompts: Sequence[str], prefs: list[Tensor | None], targets: Sequence[str] | None = None,
                        extra_tokens: int = 0):
@@ -378,58 +361,6 @@ class EditedLM(nn.Module):
         cache, embeds, mask = self._cached_inputs(prompts, prefs, extra_tokens=max_new_tokens)
         P = mask.shape[1] - embeds.shape[1]
         embeds = torch.cat([embeds.new_zeros(len(prompts), P, embeds.shape[2]), embeds], dim=1)  # cached part: unused
-        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(self.model, cache),
                                    max_new_tokens=max_new_tokens, **generate_kwargs)
 
-
-class FrozenPrefix:
-    """Teacher-forced target log-probs of a fixed batch whose first ``split`` columns never change.
-
-    The batch is ``texts`` + ``targets``, left-padded as in :meth:`EditedLM.target_logprobs`. Columns
-    ``< split`` (left padding included) are run once without gradient and kept as attention keys/values;
-    :meth:`logits` runs only columns ``split..T-1`` on top of them, so any change made at a column
-    ``>= split`` (a hook adding ``δ`` there) is seen exactly as in a full forward. ``split = 0``: full
-    forwards.
-
-    ``above``: also read the output of decoder layer ``above`` at columns ``>= split`` once, so that
-    ``logits(add=...)`` runs only the layers above it on that output plus ``add``
-    (:meth:`EditedLM.forward_above`): the same as a hook adding ``add`` to that layer's output.
-    """
-
-    def __init__(self, lm: EditedLM, texts: Sequence[str], targets: Sequence[str], split: int,
-                 above: int | None = None):
-        self.lm, self.t_ids = lm, [lm.target_ids(t) for t in targets]
-        self.embeds, self.mask, self.pos = lm.embed(list(texts), None, list(targets))  # (B, T, H), (B, T), (B, T)
-        self.split = max(0, min(split, self.embeds.shape[1] - max(len(t) for t in self.t_ids) - 1))
-        self.kv, self.above, self.z = None, above, None
-        with torch.no_grad():
-            if self.split:
-                out = lm.model(inputs_embeds=self.embeds[:, :self.split], attention_mask=self.mask[:, :self.split],
-                               position_ids=self.pos[:, :self.split], use_cache=True, logits_to_keep=1)
-                self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            if above is not None:
-                with lm.layer_output(above) as got:
-                    self.logits()
-                self.z = got["z"].detach()  # (B, T - split, H)
-
-    def _cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(list(self.kv), config=self.lm.model.config) if self.split else None  # fresh each call
-
-    def logits(self, add: Tensor | None = None) -> Tensor:
-        """Logits (B, L, V) of the columns that predict the target slots (L: the longest target;
-        :meth:`EditedLM.target_columns`); ``add`` (B, T - split, H): added to the output of decoder layer
-        ``above``, running only the layers above it."""
-        s, keep = self.split, self.lm.target_columns(max(len(t) for t in self.t_ids))
-        if add is not None:
-            if self.z is None:
-                raise RecipeError("FrozenPrefix.logits(add=...) needs the batch made with above=<layer>")
-            return self.lm.forward_above(self.above, self.z + add, self.mask, self.pos[:, s:], keep,
-                                         past_key_values=self._cache()).logits
-        return self.lm.model(inputs_embeds=self.embeds[:, s:], attention_mask=self.mask, position_ids=self.pos[:, s:],
-                             past_key_values=self._cache(), use_cache=bool(s), logits_to_keep=keep).logits
-
-    def logprobs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """As :meth:`EditedLM.target_logprobs` for the whole batch (differentiable through columns >= split)."""
-        return self.lm._gold(self.logits(), self.t_ids)

@@ -2,7 +2,7 @@
 
 A prefix comes first in its row, so under causal attention its keys and values do not depend on the
 prompt after it: they can be computed alone (positions ``0..l-1``, as in the inline layout) and handed
-to ``generate`` as ``past_key_values``. The batch is then laid out as
+to ``generate`` as a ``DynamicCache`` (:func:`cache_kwargs`). The batch is then laid out as
 
     [pad ; prefix_i]  (cache, P positions)   +   [pad ; prompt_i]  (prefilled, T positions)
 
@@ -10,13 +10,15 @@ with one attention mask over both, so position ids (``cumsum(mask) - 1``) contin
 prefill sees ``B * T`` positions instead of ``B * (P + T)`` (most of which were padding when only some
 rows carry a prefix), and a prefix retrieved again is not recomputed at all.
 
-The cache is an LRU keyed by the prefix's bytes (dtype, shape, values), bounded in MB. It is dropped
+The cache is an LRU keyed by the embedded prefix's bytes (dtype, shape, values: the learned vectors
+and the embeddings of its tokens), bounded in MB. It is dropped
 whenever the model's parameters change (an in-place write bumps a parameter's version counter; a
 swapped module changes the parameter set), so stale keys/values are never used.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
 from typing import Sequence
 
@@ -24,6 +26,18 @@ import torch
 from torch import Tensor, nn
 
 LayerKV = tuple[Tensor, Tensor]  # keys, values of one layer: (heads, l, head_dim) each
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for the model's ``forward``/``generate``: ``cache`` where the installed
+    transformers takes it (its old name ``past_key_values`` is deprecated there), else ``past_key_values``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def model_cache(output):
+    """The ``Cache`` a forward with ``use_cache=True`` returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def prefix_key(prefix: Tensor) -> bytes:
@@ -110,7 +124,7 @@ class PrefixKVCache:
         pos = torch.arange(L, device=weight.device).expand(len(prefixes), L)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                          logits_to_keep=1)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # (n, h, L, d) each
+        layers = [(layer.keys, layer.values) for layer in model_cache(out).layers]  # (n, h, L, d) each
         return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in layers] for i, n in enumerate(lengths)]
 
 

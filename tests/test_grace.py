@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
+from recipe.editors.fast_forward import forward_above, layer_output, mlp_output_is_residual
 from recipe.editors.grace import _UpperSteps
 from recipe.editors.state_file import load_state, save_state
 from recipe.errors import RecipeError
@@ -113,7 +114,7 @@ def test_training_on_the_layers_above_gives_the_same_values_and_gradients(one_th
     for request in (A, B, EditRequest("The Eiffel Tower is in", "Berlin")):
         full.edit([request])
         fast.edit([request])
-    assert lm_fast.mlp_output_is_residual(fast.layer) is True  # so the fast editor trained on the layers above
+    assert mlp_output_is_residual(lm_fast, fast.layer) is True  # so the fast editor trained on the layers above
     assert torch.allclose(full.codebook.values, fast.codebook.values, atol=1e-3)
     assert torch.equal(full.codebook.radii, fast.codebook.radii) and full.codebook.labels == fast.codebook.labels
     wide = _grace(tiny_lm(), eps_init=1.0e4, steps=1)  # one entry whose radius covers every position
@@ -136,11 +137,11 @@ def test_training_on_the_layers_above_gives_the_same_values_and_gradients(one_th
 def test_forward_above_equals_the_full_model(tiny):
     embeds, mask, pos = tiny.embed(["The capital of France is", "Hi"], prefixes=None)
     with torch.no_grad():
-        with tiny.layer_output(1) as seen:
+        with layer_output(tiny, 1) as seen:
             want = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
         z = seen["z"]
-        got = tiny.forward_above(1, z, mask, pos).logits
+        got = forward_above(tiny, 1, z, mask, pos).logits
     assert torch.allclose(want, got, atol=1e-5)
     assert len(tiny.module("model.layers")) == tiny.model.config.num_hidden_layers  # put back
     with pytest.raises(RecipeError, match="out of range"):
-        tiny.forward_above(9, z, mask, pos)
+        forward_above(tiny, 9, z, mask, pos)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recipe.errors import RecipeError
+from recipe.lm import Prefix
 
 PROMPTS = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox jumps over the lazy"]
 
@@ -37,7 +38,7 @@ def test_prefix_is_a_true_prefix(tiny):
     torch.manual_seed(1)
     prefix = torch.randn(3, tiny.hidden_size) * 0.1
     prompt, target = "The capital of France is", "Paris"
-    got = tiny.score([prompt], [target], prefixes=[prefix])[0]
+    got = tiny.score([prompt], [target], prefixes=[Prefix(prefix)])[0]
     ids = tiny.prompt_ids(prompt) + tiny.target_ids(target)
     emb = torch.cat([prefix, tiny.model.get_input_embeddings()(torch.tensor(ids))])[None]
     logits = tiny.model(inputs_embeds=emb).logits[0]
@@ -53,11 +54,36 @@ def test_prefix_provider_applies_per_prompt(tiny):
     torch.manual_seed(2)
     prefix = torch.randn(3, tiny.hidden_size)
     plain = tiny.generate(PROMPTS, max_new_tokens=5)
-    tiny.prefix_provider = lambda prompts: [prefix if "France" in p else None for p in prompts]
+    tiny.prefix_provider = lambda prompts: [Prefix(prefix) if "France" in p else None for p in prompts]
     edited = tiny.generate(PROMPTS, max_new_tokens=5)
     assert edited[1:] == plain[1:]  # prompts without a prefix are untouched
-    assert edited[0] == tiny.generate([PROMPTS[0]], max_new_tokens=5, prefixes=[prefix])[0]
+    assert edited[0] == tiny.generate([PROMPTS[0]], max_new_tokens=5, prefixes=[Prefix(prefix)])[0]
     assert edited[0] != plain[0]
+
+
+def test_prefix_token_ids_are_embedded_by_the_lm(tiny):
+    """A prefix of vectors + token ids acts as the vectors followed by those tokens' input embeddings."""
+    torch.manual_seed(3)
+    vectors = torch.randn(2, tiny.hidden_size) * 0.1
+    token_ids = tiny.tokenizer("The capital of Italy is Rome.\n", add_special_tokens=False).input_ids
+    emb = tiny.model.get_input_embeddings()(torch.tensor(token_ids))
+    assert torch.equal(tiny.prefix_embeddings(Prefix(vectors, token_ids)), torch.cat([vectors, emb]))
+    assert torch.equal(tiny.prefix_embeddings(Prefix(token_ids=token_ids)), emb)
+    assert tiny.prefix_embeddings(Prefix(vectors)) is vectors
+    prompt, target = "The capital of France is", "Paris"
+    mixed = tiny.score([prompt], [target], prefixes=[Prefix(vectors, token_ids)])[0]
+    inline = tiny.score([prompt], [target], prefixes=[Prefix(torch.cat([vectors, emb]))])[0]
+    plain = tiny.score([prompt], [target], prefixes=None)[0]
+    assert mixed == inline and mixed.logprobs != plain.logprobs
+    assert tiny.generate([prompt], 4, prefixes=[Prefix(vectors, token_ids)]) == tiny.generate(
+        [prompt], 4, prefixes=[Prefix(torch.cat([vectors, emb]))])
+
+
+def test_prefix_vectors_stay_differentiable(tiny):
+    vectors = (torch.randn(2, tiny.hidden_size) * 0.1).requires_grad_(True)
+    logp, _, _, mask = tiny.target_logprobs(["The capital of France is"], ["Paris"], [Prefix(vectors, (5, 6))])
+    (grad,) = torch.autograd.grad((logp * mask).sum(), vectors)
+    assert grad.abs().sum() > 0
 
 
 def test_score_batched_equals_single(tiny):
@@ -80,10 +106,13 @@ def test_target_tokenised_with_leading_space(tiny):
     lambda lm: lm.generate("a single string"),
     lambda lm: lm.generate(["word " * 400]),
     lambda lm: lm.generate(["Hi there"], max_new_tokens=500),
-    lambda lm: lm.generate(["Hi"], prefixes=[torch.zeros(3, 7)]),
+    lambda lm: lm.generate(["Hi"], prefixes=[Prefix(torch.zeros(3, 7))]),
+    lambda lm: lm.generate(["Hi"], prefixes=[torch.zeros(3, 64)]),
+    lambda lm: lm.generate(["Hi"], prefixes=[Prefix()]),
     lambda lm: lm.score(["a", "b"], ["x"]),
     lambda lm: lm.module("model.layers.99.mlp"),
-], ids=["empty", "blank", "empty-target", "str", "too-long", "too-long-gen", "bad-prefix", "count", "module"])
+], ids=["empty", "blank", "empty-target", "str", "too-long", "too-long-gen", "bad-prefix", "tensor-prefix",
+                                  "empty-prefix", "count", "module"])
 def test_bad_input_gives_recipe_error(tiny, call):
     with pytest.raises(RecipeError):
         call(tiny)

@@ -1,8 +1,11 @@
 """Prefix keys/values for generate(): same tokens as the inline layout, reused, dropped when weights change."""
+import warnings
+
 import pytest
 import torch
 
-from recipe.prefix_cache import PrefixKVCache, prefix_key
+from recipe.lm import Prefix
+from recipe.prefix_cache import PrefixKVCache, model_cache, prefix_key
 
 PROMPTS = ["The capital of France is", "Hey Jude was performed by", "The quick brown fox jumps over the lazy"]
 
@@ -17,7 +20,7 @@ def _inline(lm, prompts, prefixes, n):
 
 def _prefixes(lm, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, lm.hidden_size, generator=g), None, torch.randn(7, lm.hidden_size, generator=g)]
+    return [Prefix(torch.randn(4, lm.hidden_size, generator=g)), None, Prefix(torch.randn(7, lm.hidden_size, generator=g))]
 
 
 def test_cached_prefix_generates_what_the_inline_layout_generates(tiny):
@@ -32,18 +35,45 @@ def test_cached_prefix_generates_what_the_inline_layout_generates(tiny):
 def test_prefix_keys_values_match_the_full_forward(tiny):
     """The cached keys equal the keys the prefix positions get inside [prefix ; prompt]."""
     prefix = _prefixes(tiny)[0]
-    (kv,) = tiny.prefix_cache.get([prefix])
+    (kv,) = tiny.prefix_cache.get([prefix.vectors])
     embeds, mask, pos = tiny.embed(PROMPTS[:1], [prefix])
-    full = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+    full = model_cache(tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True))
     for (k, v), layer in zip(kv, full.layers):
-        assert torch.allclose(k, layer.keys[0, :, :prefix.shape[0]], atol=1e-5)
-        assert torch.allclose(v, layer.values[0, :, :prefix.shape[0]], atol=1e-5)
+        assert torch.allclose(k, layer.keys[0, :, :len(prefix)], atol=1e-5)
+        assert torch.allclose(v, layer.values[0, :, :len(prefix)], atol=1e-5)
 
 
 def test_equal_content_is_one_entry():
     a = torch.randn(3, 8)
     assert prefix_key(a) == prefix_key(a.clone()) != prefix_key(a.double())
     assert prefix_key(a) != prefix_key(a[:2])
+
+
+def test_cache_key_covers_the_prefix_tokens(tiny):
+    """Two prefixes with the same vectors but other statement tokens are two entries; equal ones are one."""
+    vectors = torch.randn(3, tiny.hidden_size, generator=torch.Generator().manual_seed(5))
+    a, b = Prefix(vectors, (10, 11, 12)), Prefix(vectors, (10, 11, 13))
+    first = tiny.generate(PROMPTS[:2], max_new_tokens=4, prefixes=[a, b])
+    assert tiny.prefix_cache.misses == 2 and tiny.prefix_cache.hits == 0
+    assert tiny.generate(PROMPTS[:2], max_new_tokens=4, prefixes=[Prefix(vectors.clone(), (10, 11, 12)), b]) == first
+    assert tiny.prefix_cache.misses == 2 and tiny.prefix_cache.hits == 2
+    assert first == _inline(tiny, PROMPTS[:2], [a, b], 4)
+
+
+def test_prefixed_generate_and_score_raise_no_cache_deprecation(tiny):
+    """The prefix cache goes to transformers as a Cache object under the keyword it takes today."""
+    prefixes = _prefixes(tiny)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        texts = tiny.generate(PROMPTS, max_new_tokens=4, prefixes=prefixes)
+        scores = tiny.score(PROMPTS, ["Paris", "x", "dog"], prefixes=prefixes)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecations == []
+    assert texts == _inline(tiny, PROMPTS, prefixes, 4)
+    inline = tiny.target_logprobs(PROMPTS, ["Paris", "x", "dog"], prefixes)
+    for row, s in enumerate(scores):
+        keep = inline[3][row].bool()
+        torch.testing.assert_close(torch.tensor(s.logprobs), inline[0][row, keep], atol=1e-5, rtol=1e-5)
 
 
 def test_weight_change_drops_the_cache(tiny):

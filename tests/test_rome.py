@@ -4,7 +4,7 @@ import torch
 
 from recipe.editors import load_editor, memit, rank_one, rome
 from recipe.errors import RecipeError
-from recipe.lm import FrozenPrefix
+from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.types import EditRequest
 
 REQUEST = EditRequest("The capital of France is", "Rome", subject="France")
@@ -55,7 +55,7 @@ def test_value_with_the_frozen_prefix_equals_full_forwards(tiny, fact_token):
     assert full.delta.norm() > 0
     assert torch.allclose(full.delta, reused.delta, rtol=1e-4, atol=1e-5)
     assert abs(full.nll - reused.nll) < 1e-4
-    assert tiny.mlp_output_is_residual(1) is True  # so the steps ran only the layers above layer 1
+    assert mlp_output_is_residual(tiny, 1) is True  # so the steps ran only the layers above layer 1
     texts = [p + request.prompt for p in rank_one.CONTEXT_PREFIXES[:3]]
     batch = FrozenPrefix(tiny, texts, [request.target_new] * 3, split=4)
     assert batch.split == 4 and batch.embeds.shape[0] == 3

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
+from recipe.editors.fast_forward import mlp_output_is_residual
 from recipe.editors.tpatcher import NEUTRAL_SENTENCES, Patch, PatchedMLP
 from recipe.errors import ConfigError, RecipeError
 from recipe.testing import tiny_lm
@@ -213,7 +214,7 @@ def test_frozen_prompt_columns_give_the_same_loss_and_gradients():
         results.append((nll.detach(), x_e.detach(), grads))
     wrapper.training_patch = None
     batch = editor._edit_batch(JUDE)  # z and x read once; the step is head(norm(z + patch(x)))
-    assert batch.z is not None and lm.mlp_output_is_residual(3) is True
+    assert batch.z is not None and mlp_output_is_residual(lm, 3) is True
     nll, x_e = editor._step(wrapper, batch, results[0][1], patch)
     results.append((nll.detach(), x_e.detach(), torch.autograd.grad(nll, [patch.key, patch.bias, patch.value])))
     (nll_a, x_a, g_a), *others = results

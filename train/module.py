@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, build_prefix, statement_token_ids
+from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, edit_prefix, statement_token_ids
 from recipe.lm import EditedLM
 from train.data import TrainExample
 
@@ -126,7 +126,7 @@ class RecipeModule(L.LightningModule):
         vectors = self.networks.prompt_encoder(r_k)  # (B, l, H)
         token_ids = [statement_token_ids(lm, e.statement, self.separator) if self.prefix_mode == "vectors+statement" else None
                      for e in batch]
-        prefixes = [build_prefix(lm, v, t) for v, t in zip(vectors, token_ids)]
+        prefixes = [edit_prefix(v, t) for v, t in zip(vectors, token_ids)]
         prompts = [e.prompt for e in batch] + [e.paraphrase for e in batch] + [batch[i].locality_prompt for i in loc_rows]
         targets = [e.target for e in batch] * 2 + [batch[i].locality_answer for i in loc_rows]
         logits, labels, mask = target_logits(lm, prompts, targets, prefixes * 2 + [prefixes[i] for i in loc_rows])

@@ -26,8 +26,8 @@ keep unrelated inputs out.
 
 Speed (same values up to float rounding): training changes one entry's value, which enters the
 residual stream only at the positions that hit that entry. The layer's output is read once per edit
-and each step adds ``hit · (v − v₀)`` to it and runs the layers above (``EditedLM.forward_above``),
-where the MLP output enters the residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`,
+and each step adds ``hit · (v − v₀)`` to it and runs the layers above (:func:`~recipe.editors.fast_forward.forward_above`),
+where the MLP output enters the residual stream unchanged (:func:`~recipe.editors.fast_forward.mlp_output_is_residual`,
 as in Llama); otherwise full forwards.
 
 ``rollback`` puts the original module back. Entries can be shared by several edits (expansion) and
@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.errors import IncompatibleError, RecipeError
-from recipe.lm import FrozenPrefix
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class GraceEditor(Editor):
     def _steps(self, book: GraceCodebook, entry: int, request: EditRequest):
         """``value -> (logp, mask)`` for the training loop: an :class:`_UpperSteps` where the layout allows
         it, else full forwards."""
-        if self.reuse_inputs and self.lm.mlp_output_is_residual(self.layer):
+        if self.reuse_inputs and mlp_output_is_residual(self.lm, self.layer):
             return _UpperSteps(self.lm, book, entry, request, self.layer)
         return lambda value: self._full_logprobs(request)
 
@@ -260,5 +260,5 @@ class _UpperSteps:
 
     def __call__(self, value: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.batch.logits(add=self.hit * (value - self.v0).to(self.batch.z.dtype))
-        logp, _, _, mask = self.lm._gold(logits, self.batch.t_ids)
+        logp, _, _, mask = self.lm.gold_logprobs(logits, self.batch.t_ids)
         return logp, mask

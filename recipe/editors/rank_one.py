@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.errors import RecipeError
-from recipe.lm import EditedLM, FrozenPrefix
+from recipe.lm import EditedLM
 from recipe.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,8 @@ class _ReusedSteps:
 
     The essence prompt joins the batch as one more row (with the target after it; its logits where the
     target starts are the next-token distribution after "{subject} is a"). Columns before the first
-    fact token are frozen (:class:`recipe.lm.FrozenPrefix`), and where the MLP output is added to the
-    residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`) each step runs only the layers
+    fact token are frozen (:class:`recipe.editors.fast_forward.FrozenPrefix`), and where the MLP output is added to the
+    residual stream unchanged (:func:`~recipe.editors.fast_forward.mlp_output_is_residual`) each step runs only the layers
     above ``layer`` on that layer's output plus ``δ`` at the fact tokens; otherwise a hook adds ``δ``.
     """
 
@@ -210,7 +211,7 @@ class _ReusedSteps:
         n_target = len(lm.target_ids(target))
         onehot = _onehot(lm, [len(lm.prompt_ids(t)) + n_target for t in rows], row_idxs)  # (B, T, 1)
         split = int(onehot[..., 0].argmax(1).min())  # earliest column where δ enters
-        above = layer if lm.mlp_output_is_residual(layer) else None
+        above = layer if mlp_output_is_residual(lm, layer) else None
         self.batch = FrozenPrefix(lm, rows, [target] * len(rows), split, above=above)
         self.onehot = onehot[:, self.batch.split:]  # (B, T - split, 1)
         self.handle = None
@@ -224,7 +225,7 @@ class _ReusedSteps:
             logits = self.batch.logits(add=self.onehot * self.delta)  # (B, L, V)
         else:
             logits = self.batch.logits()
-        logp, _, _, mask = self.lm._gold(logits[:self.n], self.batch.t_ids[:self.n])
+        logp, _, _, mask = self.lm.gold_logprobs(logits[:self.n], self.batch.t_ids[:self.n])
         kl_logp = torch.log_softmax(logits[self.n:, 0].float(), -1) if logits.shape[0] > self.n else None
         return logp, mask, kl_logp
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from recipe.config import from_dict, repo_root
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.errors import IncompatibleError, RecipeError
-from recipe.lm import EditedLM
+from recipe.lm import EditedLM, Prefix
 from recipe.retrieval.encoders import (KnowledgeEncoder, PromptEncoder, RecipeArchitecture, load_body,
                                        prompt_init_embeddings)
 from recipe.retrieval.key_index import IndexKind
@@ -199,12 +199,10 @@ def statement_token_ids(lm: EditedLM, statement: str, separator: str = DEFAULT_S
     return lm.tokenizer(statement + separator, add_special_tokens=False).input_ids
 
 
-def build_prefix(lm: EditedLM, vectors: Tensor, token_ids: Sequence[int] | None) -> Tensor:
-    """The prefix given to the LM: ``vectors`` (l, H), then the embeddings of ``token_ids`` if given."""
-    if token_ids is None:
-        return vectors
-    emb = lm.model.get_input_embeddings()(torch.tensor(list(token_ids), device=lm.device))  # (n, H)
-    return torch.cat([vectors.to(device=emb.device, dtype=emb.dtype), emb], dim=0)  # (l + n, H)
+def edit_prefix(vectors: Tensor, token_ids: Sequence[int] | None) -> Prefix:
+    """What an edit puts before a query: its prompt ``vectors`` (l, H), then its statement's tokens if given
+    ("vectors+statement"). The LM embeds them (:meth:`EditedLM.prefix_embeddings`)."""
+    return Prefix(vectors, tuple(token_ids) if token_ids is not None else ())
 
 
 @register_editor
@@ -309,7 +307,7 @@ class RecipeEditor(Editor):
         opt = torch.optim.Adam([vectors], lr=cfg.refine_lr * float(self.networks.prompt_encoder.emb_scale))
         with torch.enable_grad():
             for _ in range(cfg.refine_steps):
-                prefixes = [build_prefix(self.lm, v, t) for v, t in zip(vectors, token_ids)]
+                prefixes = [edit_prefix(v, t) for v, t in zip(vectors, token_ids)]
                 logp, _, _, mask = self.lm.target_logprobs(prompts, targets, prefixes)
                 loss = -(logp * mask).sum() / mask.sum()
                 if loss.item() < cfg.refine_stop_loss:
@@ -348,13 +346,13 @@ class RecipeEditor(Editor):
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _provide(self, prompts: Sequence[str]) -> list[Tensor | None]:
+    def _provide(self, prompts: Sequence[str]) -> list[Prefix | None]:
         """The prefix provider: question texts -> the accepted entry's prefix, or None (base model)."""
         self.last_retrieval = []
         if len(self.repository) == 0:
             self.last_retrieval = [Retrieval(p, None, -math.inf, math.nan) for p in prompts]
             return [None] * len(prompts)
-        out: list[Tensor | None] = []
+        out: list[Prefix | None] = []
         scale = math.sqrt(self.networks.arch.key_dim)
         for s in range(0, len(prompts), self.config.batch_size):
             chunk = list(prompts[s:s + self.config.batch_size])
@@ -391,9 +389,9 @@ class RecipeEditor(Editor):
             out[i] = v
         return out
 
-    def _prefix(self, edit_id: EditId) -> Tensor:
+    def _prefix(self, edit_id: EditId) -> Prefix:
         vectors = self.repository.get_prompts([edit_id])[0].to(self.lm.device)  # (l, H)
-        return build_prefix(self.lm, vectors, self._token_ids.get(edit_id))
+        return edit_prefix(vectors, self._token_ids.get(edit_id))
 
     # ---- persistence -------------------------------------------------------------------------
     def _check_info(self, info: dict, where: str) -> None:

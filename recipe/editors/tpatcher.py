@@ -33,8 +33,8 @@ neuron at its own position and the other target positions join ``a_m``.
 Speed (same results up to float rounding): the memory texts' MLP inputs do not depend on patches at
 this layer, so each text is run once and its rows are kept while the weights below stay the same; and
 when the patched layer is the last one, a patch changes nothing that earlier positions or layers pass
-on: the prompt's columns before its last token are run once (:class:`recipe.lm.FrozenPrefix`), and
-where the MLP output enters the residual stream unchanged (:meth:`EditedLM.mlp_output_is_residual`,
+on: the prompt's columns before its last token are run once (:class:`recipe.editors.fast_forward.FrozenPrefix`), and
+where the MLP output enters the residual stream unchanged (:func:`~recipe.editors.fast_forward.mlp_output_is_residual`,
 as in Llama) the layer's output ``z`` is read once too, so each training step computes only the final
 norm and head on ``z + relu(x Kᵀ + b) V`` (:meth:`TPatcherEditor._step`).
 
@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.errors import IncompatibleError, RecipeError
-from recipe.lm import FrozenPrefix
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class TPatcherEditor(Editor):
         Made before the training patch is installed."""
         if not (self.reuse_inputs and self.layer == self.default_layer(-1)):
             return FrozenPrefix(self.lm, [request.prompt], [request.target_new], 0)
-        above = self.layer if self.lm.mlp_output_is_residual(self.layer) else None
+        above = self.layer if mlp_output_is_residual(self.lm, self.layer) else None
         return FrozenPrefix(self.lm, [request.prompt], [request.target_new], len(self.lm.prompt_ids(request.prompt)) - 1,
                             above=above)
 
@@ -292,7 +292,7 @@ class TPatcherEditor(Editor):
             return self._edit_forward(wrapper, batch)
         out = torch.relu(x_e @ patch.key.T + patch.bias) @ patch.value  # (n_t, H)
         add = torch.cat([out, out.new_zeros(1, out.shape[1])])[None]  # the last column predicts no target token
-        logp, _, _, mask = self.lm._gold(batch.logits(add=add), batch.t_ids)
+        logp, _, _, mask = self.lm.gold_logprobs(batch.logits(add=add), batch.t_ids)
         return -(logp * mask).sum() / mask.sum(), x_e
 
     def _edit_forward(self, wrapper: PatchedMLP, batch: FrozenPrefix) -> tuple[Tensor, Tensor]:
