@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
-from recipe.editors.recipe import RecipeEditor, RecipeNetworks, save_artifact
+from recipe.editors.recipe import RecipeEditor, save_artifact
 from recipe.errors import IncompatibleError, RecipeError
+from recipe.lm import Prefix
 from recipe.retrieval.encoders import KnowledgeEncoder, RecipeArchitecture, load_body
+from recipe.retrieval.networks import RecipeNetworks
 from recipe.retrieval.sentinel import KnowledgeSentinel
 from recipe.testing import tiny_lm
 from recipe.types import EditRequest
@@ -29,6 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(lm, **kw) -> RecipeEditor:
     return load_editor("recipe", lm, {"architecture": ARCH, **kw})  # not the shipped YAML's checkpoint
+
+
+def subjects(editor) -> dict:
+    return {i: r.subject for i, r in editor.records.items() if r.subject is not None}
 
 
 def outputs(lm):
@@ -125,7 +131,7 @@ def test_save_load_round_trip_gives_identical_prefixes_and_outputs(tmp_path):
     b = make(lm_b, **ACCEPT_ALL)
     b.load(tmp_path / "repo")
     pa, pb = a._provide(PROMPTS), b._provide(PROMPTS)
-    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert all(torch.equal(x.vectors, y.vectors) and x.token_ids == y.token_ids for x, y in zip(pa, pb))
     assert outputs(lm_a) == outputs(lm_b)
     assert b.statements == a.statements
     assert b.edit([REQUESTS[1]]) == [3]  # ids continue after load
@@ -135,12 +141,13 @@ def test_vectors_mode_prefix_has_l_rows(tiny):
     editor = make(tiny, prefix_mode="vectors", **ACCEPT_ALL)
     editor.edit(REQUESTS[:1])
     (prefix,) = editor._provide(PROMPTS[:1])
-    assert prefix.shape == (3, tiny.hidden_size)
+    assert prefix.vectors.shape == (3, tiny.hidden_size) and prefix.token_ids == ()
     statement = make(tiny_lm(), **ACCEPT_ALL)
     statement.edit(REQUESTS[:1])
     (prefix,) = statement._provide(PROMPTS[:1])
-    n_tokens = len(tiny.tokenizer(REQUESTS[0].statement + "\n", add_special_tokens=False).input_ids)
-    assert prefix.shape == (3 + n_tokens, tiny.hidden_size)  # vectors, statement, separator
+    want = tuple(tiny.tokenizer(REQUESTS[0].statement + "\n", add_special_tokens=False).input_ids)
+    assert prefix.vectors.shape == (3, tiny.hidden_size) and prefix.token_ids == want  # vectors, statement, separator
+    assert tiny.prefix_embeddings(prefix).shape == (3 + len(want), tiny.hidden_size)
     assert statement.separator == "\n"
 
 
@@ -156,8 +163,7 @@ def test_separator_comes_from_the_checkpoint_unless_configured(tiny, tmp_path):
     assert old.separator == ""
     old.edit(REQUESTS[:1])
     (prefix,) = old._provide(PROMPTS[:1])
-    n_tokens = len(tiny.tokenizer(REQUESTS[0].statement, add_special_tokens=False).input_ids)
-    assert prefix.shape == (3 + n_tokens, tiny.hidden_size)
+    assert prefix.token_ids == tuple(tiny.tokenizer(REQUESTS[0].statement, add_special_tokens=False).input_ids)
 
 
 def test_hidden_size_mismatch_is_incompatible(tmp_path):
@@ -213,7 +219,7 @@ def test_prompt_encoder_starts_near_the_init_text_and_gives_finite_gradients():
     assert base.abs().sum() > 0
     r_k = networks.encoder.encode_knowledge([REQUESTS[0].statement])
     prompt = networks.prompt_encoder(r_k)[0]  # (l, H)
-    logp, _, _, mask = lm.target_logprobs(PROMPTS[:1], TARGETS[:1], [prompt])
+    logp, _, _, mask = lm.target_logprobs(PROMPTS[:1], TARGETS[:1], [Prefix(prompt)])
     (-(logp * mask).sum()).backward()
     used = [networks.prompt_encoder, networks.encoder.knowledge_head, networks.encoder.body.encoder.layer[-1]]
     grads = [p.grad for m in used for p in m.parameters()]
@@ -228,7 +234,7 @@ def test_subject_gate_uses_only_edits_whose_subject_the_query_names(tiny, tmp_pa
     editor._provide(["What is the capital of FRANCE?", "The capital of Spain is"])
     assert [(r.edit_id, r.subject_in_query) for r in editor.last_retrieval] == [(0, True), (None, False)]
     editor.rollback()
-    assert editor._subjects == {} and outputs(tiny) == base
+    assert editor.records == {} and outputs(tiny) == base
     editor.edit([EditRequest("The Amazon river flows through", "Italy")])  # no subject: the gate cannot apply
     editor._provide(["The capital of Spain is"])
     assert [(r.edit_id, r.subject_in_query) for r in editor.last_retrieval] == [(0, None)]
@@ -238,7 +244,8 @@ def test_subject_gate_uses_only_edits_whose_subject_the_query_names(tiny, tmp_pa
     loaded.load(tmp_path / "repo")
     again = make(tiny_lm(), subject_gate=True, **ACCEPT_ALL)
     again.load_state_dict(editor.state_dict())
-    assert loaded._subjects == again._subjects == editor._subjects == {1: "Hey Jude"}
+    assert subjects(loaded) == subjects(again) == subjects(editor) == {1: "Hey Jude"}
+    assert loaded.records == again.records == editor.records
 
 
 def test_subject_gate_bypass_needs_a_verifier(tiny):

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, edit_prefix, statement_token_ids
+from recipe.editors.recipe import PrefixMode, edit_prefix
 from recipe.lm import EditedLM
+from recipe.retrieval.networks import RecipeNetworks
+from recipe.retrieval.statements import DEFAULT_SEPARATOR, statement_token_ids
 from train.data import TrainExample
 
 

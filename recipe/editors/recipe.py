@@ -1,17 +1,20 @@
 """RECIPE: retrieval-augmented continuous prompt learning (Chen et al. 2024), lifelong and undoable.
 
-Editing never touches the LM. Each edit's knowledge statement ``prompt + " " + target_new`` becomes a
-key r_k (knowledge head) and a continuous prompt (prompt encoder), stored in a FAISS
-``KnowledgeRepository``. At inference ``lm.prefix_provider`` encodes the QUESTION ONLY (r_q, query
-head), takes the top-1 entry and prepends its prompt when ``s(q, k) > s(q, r_s)`` (the Knowledge
-Sentinel); otherwise it returns ``None`` and the LM computes exactly what the base model computes.
+Editing never touches the LM. Each edit's knowledge statement ``prompt + " " + target_new``
+(normalised and bounded in length, ``recipe.retrieval.statements``) becomes a key r_k (knowledge
+head) and a continuous prompt (prompt encoder), stored in a FAISS ``KnowledgeRepository``; the rest
+of the edit is one ``EditRecord``. At inference ``lm.prefix_provider`` encodes the QUESTION ONLY
+(r_q, query head), takes the top-1 entry and returns what to prepend (a ``Prefix``: its prompt
+vectors and statement tokens) when the acceptance gates pass it (``recipe.retrieval.gates``: the
+Knowledge Sentinel's ``s(q, k) > s(q, r_s)``, then an optional verifier and subject gate);
+otherwise it returns ``None`` and the LM computes exactly what the base model computes.
 
 Prefix modes (``prefix_mode``): "vectors" is the paper's l learned vectors; "vectors+statement"
 appends the LM's own token embeddings of the stored statement, so the frozen LM can copy answers it
 never saw in training (open targets, FIELD_NOTES: "never seen" targets). The statement's token ids
 are kept per edit and saved, so the prefix is rebuilt exactly after save/load.
 
-Trained networks come from ``checkpoint`` (an artefact written by ``train.recipe``, see
+Trained networks (``recipe.retrieval.networks``) come from ``checkpoint`` (an artefact written by ``train.recipe``, see
 ``save_artifact``); with ``checkpoint: null`` they are randomly initialised under ``seed`` (fine for
 tests and plumbing, useless for real edits).
 """
@@ -28,17 +31,20 @@ from typing import Literal, Sequence
 
 import safetensors.torch
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from recipe.config import from_dict, repo_root
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import EditedLM, Prefix
-from recipe.retrieval.encoders import (KnowledgeEncoder, PromptEncoder, RecipeArchitecture, load_body,
-                                       prompt_init_embeddings)
+from recipe.retrieval.encoders import RecipeArchitecture
+from recipe.retrieval.gates import Candidates, Gate, SentinelGate, SubjectGate, VerifierGate, apply_gates
 from recipe.retrieval.key_index import IndexKind
+from recipe.retrieval.networks import RecipeNetworks
 from recipe.retrieval.repository import KnowledgeRepository
-from recipe.retrieval.sentinel import KnowledgeSentinel, SentinelMode
+from recipe.retrieval.sentinel import SentinelMode
+from recipe.retrieval.statements import (DEFAULT_SEPARATOR, EditRecord, make_records, normalise_statement,
+                                         statement_token_bound)
 from recipe.retrieval.verifier import load_verifier
 from recipe.types import EditId, EditRequest
 
@@ -47,7 +53,6 @@ log = logging.getLogger(__name__)
 PrefixMode = Literal["vectors", "vectors+statement"]
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "recipe.artifact", 1
 ARTIFACT_META, ARTIFACT_WEIGHTS = "recipe.json", "weights.safetensors"
-DEFAULT_SEPARATOR = "\n"  # after the statement in a "vectors+statement" prefix (artefacts without the key: "")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class RecipeConfig(EditorConfig):
     subject_gate: bool = False  # use an entry only when its edit's subject occurs in the query (case-insensitive)
     subject_gate_bypass: float | None = None  # with a verifier: a subject-less match still passes when p > this
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
+    max_statement_tokens: int = 256  # longest statement in LM tokens (also at most half the LM's context); longer: refused
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
     refine_stop_loss: float = 5.0e-2  # stop refining once the target NLL is below this
@@ -84,46 +90,6 @@ class Retrieval:
     threshold: float  # s(q, r_s)
     verified: float = math.nan  # the verifier's p(top-1 entry bears on the query); nan: not asked
     subject_in_query: bool | None = None  # the top-1 edit's subject occurs in the query; None: not checked
-
-
-class RecipeNetworks(nn.Module):
-    """The trainable parts: knowledge encoder (body + two heads), prompt encoder, sentinel."""
-
-    def __init__(self, encoder: KnowledgeEncoder, prompt_encoder: PromptEncoder, sentinel: KnowledgeSentinel,
-                 arch: RecipeArchitecture):
-        super().__init__()
-        self.encoder, self.prompt_encoder, self.sentinel, self.arch = encoder, prompt_encoder, sentinel, arch
-
-    @classmethod
-    def build(cls, lm: EditedLM, arch: RecipeArchitecture, *, sentinel_mode: SentinelMode = "learned",
-              threshold: float = 0.0, seed: int = 0) -> RecipeNetworks:
-        """Fresh networks for ``lm`` (random heads, the body's own weights), on the LM's device."""
-        body, tokenizer = load_body(arch.encoder, seed)
-        emb = lm.model.get_input_embeddings()
-        init_ids = lm.tokenizer(arch.prompt_init_text, add_special_tokens=False).input_ids
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = KnowledgeEncoder(body, tokenizer, arch)
-            init = prompt_init_embeddings(emb, init_ids, arch.n_vectors)  # (l, H)
-            prompt_encoder = PromptEncoder(arch.key_dim, arch.n_vectors, lm.hidden_size, init,
-                                           emb.weight.detach().float().std().item(), arch)
-            sentinel = KnowledgeSentinel(arch.key_dim, sentinel_mode, threshold)
-        return cls(encoder, prompt_encoder, sentinel, arch).to(lm.device)
-
-    def artifact_state(self) -> dict[str, Tensor]:
-        """Every tensor that training changes: heads, trained body layers, prompt encoder, sentinel."""
-        trained = tuple(f"encoder.{p}" for p in self.encoder.trained_body_prefixes)
-        return {k: v for k, v in self.state_dict().items()
-                if not k.startswith("encoder.body.") or k.startswith(trained)}
-
-    def fingerprint(self) -> str:
-        """sha256 over the architecture and the tensors that make keys and prompts (not the sentinel)."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.arch), sort_keys=True).encode())
-        for name, value in sorted(self.artifact_state().items()):
-            if not name.startswith("sentinel."):
-                digest.update(name.encode())
-                digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
 
 
 def save_artifact(networks: RecipeNetworks, lm: EditedLM, out_dir: str | Path, prefix_mode: PrefixMode,
@@ -188,17 +154,6 @@ def load_artifact(path: str | Path, lm: EditedLM, *, sentinel_mode: SentinelMode
     return networks, meta
 
 
-def statement_token_ids(lm: EditedLM, statement: str, separator: str = DEFAULT_SEPARATOR) -> list[int]:
-    """The LM's tokens of a knowledge statement as it appears inside a "vectors+statement" prefix.
-
-    ``separator`` ends the statement before the query starts. Without one the statement runs into
-    the question ("...is EnglishThe mother tongue of...") and the frozen LM copies far less: with
-    the first shipped checkpoint (trained without it) and the right entry given, zsRE reliability /
-    generality were 0.752 / 0.728 without and 0.969 / 0.928 with "\n" (150 seeded edits).
-    """
-    return lm.tokenizer(statement + separator, add_special_tokens=False).input_ids
-
-
 def edit_prefix(vectors: Tensor, token_ids: Sequence[int] | None) -> Prefix:
     """What an edit puts before a query: its prompt ``vectors`` (l, H), then its statement's tokens if given
     ("vectors+statement"). The LM embeds them (:meth:`EditedLM.prefix_embeddings`)."""
@@ -228,23 +183,33 @@ class RecipeEditor(Editor):
             separator = meta.get("statement_separator", "")
         self.separator = separator if cfg.statement_separator is None else cfg.statement_separator
         self.networks.eval().requires_grad_(False)
-        self.verifier, self.verifier_threshold = None, None
-        if cfg.subject_gate_bypass is not None and (cfg.verifier is None or not cfg.subject_gate):
-            raise RecipeError("subject_gate_bypass needs subject_gate: true and a verifier")
-        if cfg.verifier is not None:
-            self.verifier, vmeta = load_verifier(self._checkpoint_path(cfg.verifier), lm.device)
-            self.verifier_threshold = float(vmeta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
         arch = self.networks.arch
+        if cfg.max_statement_tokens < 1:
+            raise RecipeError(f"max_statement_tokens must be >= 1, got {cfg.max_statement_tokens}")
+        self.statement_bound = statement_token_bound(lm, arch.n_vectors, cfg.max_statement_tokens)
+        self.gates = self._gates()
         self.info = {"lm": lm.spec.name, "hidden_size": lm.hidden_size, "key_dim": arch.key_dim,
                      "n_vectors": arch.n_vectors, "prefix_mode": cfg.prefix_mode,
                      "statement_separator": self.separator,
                      "encoder": f"{arch.encoder}:{self.networks.fingerprint()[:16]}"}
         self.repository = self._new_repository()
-        self._statements: dict[EditId, str] = {}  # id -> statement, insertion order
-        self._by_statement: dict[str, EditId] = {}
-        self._token_ids: dict[EditId, list[int]] = {}  # id -> statement tokens ("vectors+statement")
-        self._subjects: dict[EditId, str] = {}  # id -> the edit's subject, where the request named one
+        self._records: dict[EditId, EditRecord] = {}  # id -> the stored edit, insertion order
+        self._by_statement: dict[str, EditId] = {}  # statement -> id (duplicates)
         self.last_retrieval: list[Retrieval] = []
+
+    def _gates(self) -> list[Gate]:
+        """The configured acceptance gates, in order: sentinel, verifier, subject."""
+        cfg = self.config
+        if cfg.subject_gate_bypass is not None and (cfg.verifier is None or not cfg.subject_gate):
+            raise RecipeError("subject_gate_bypass needs subject_gate: true and a verifier")
+        gates: list[Gate] = [SentinelGate(self.networks.sentinel, cfg.sentinel_margin)]
+        if cfg.verifier is not None:
+            verifier, meta = load_verifier(self._checkpoint_path(cfg.verifier), self.lm.device)
+            threshold = float(meta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
+            gates.append(VerifierGate(verifier, threshold))
+        if cfg.subject_gate:
+            gates.append(SubjectGate(cfg.subject_gate_bypass))
+        return gates
 
     @staticmethod
     def _checkpoint_path(checkpoint: str) -> Path:
@@ -257,12 +222,18 @@ class RecipeEditor(Editor):
                                    use_gpu=self.config.use_gpu, prompt_dtype=self.config.prompt_dtype,
                                    index=self.config.index)
 
+    def _records_of(self, ids: Sequence[EditId], statements: Sequence[str], subjects: Sequence[str | None],
+                    where: str = "") -> list[EditRecord]:
+        """Checked records (StatementError on an empty or too long statement)."""
+        return make_records(self.lm, ids, statements, subjects, separator=self.separator, where=where,
+                            with_tokens=self.config.prefix_mode == "vectors+statement", bound=self.statement_bound)
+
     # ---- editing -----------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
-        statements = [r.statement for r in requests]
+        records = self._records_of(ids, [normalise_statement(r.statement) for r in requests],
+                                   [r.subject for r in requests])
+        statements = [r.statement for r in records]
         for s in statements:
-            if not s.strip():
-                raise RecipeError("refusing an empty knowledge statement")
             if s in self._by_statement and self.config.duplicates == "error":
                 raise RecipeError(f"duplicate statement {s!r}: already stored as edit {self._by_statement[s]}; "
                                   "remove() it first (or set duplicates: replace)")
@@ -270,25 +241,19 @@ class RecipeEditor(Editor):
             raise RecipeError("the same statement occurs twice in one edit() call")
         replaced = [self._by_statement[s] for s in statements if s in self._by_statement]
         keys, vectors = self._encode_statements(statements)  # (N, D), (N, l, H)
-        token_ids = [statement_token_ids(self.lm, s, self.separator) if self.config.prefix_mode == "vectors+statement" else None
-                     for s in statements]
         if self.config.refine_steps > 0:
             b = self.lm.max_batch
-            vectors = torch.cat([self._refine(requests[s:s + b], vectors[s:s + b], token_ids[s:s + b])
+            vectors = torch.cat([self._refine(requests[s:s + b], vectors[s:s + b], records[s:s + b])
                                  for s in range(0, len(requests), b)])
         self.repository.add(keys, vectors, ids=ids)
         if replaced:
             self.remove(replaced)
-        for i, s, t, r in zip(ids, statements, token_ids, requests):
-            self._remember(i, s, t, r.subject)
+        for record in records:
+            self._remember(record)
         self.lm.prefix_provider = self._provide
 
-    def _remember(self, edit_id: EditId, statement: str, token_ids: list[int] | None, subject: str | None) -> None:
-        self._statements[edit_id], self._by_statement[statement] = statement, edit_id
-        if token_ids is not None:
-            self._token_ids[edit_id] = token_ids
-        if subject is not None:
-            self._subjects[edit_id] = subject
+    def _remember(self, record: EditRecord) -> None:
+        self._records[record.id], self._by_statement[record.statement] = record, record.id
 
     @torch.no_grad()
     def _encode_statements(self, statements: list[str]) -> tuple[Tensor, Tensor]:
@@ -299,7 +264,7 @@ class RecipeEditor(Editor):
             vectors.append(self.networks.prompt_encoder(r_k).float().cpu())  # (b, l, H)
         return torch.cat(keys), torch.cat(vectors)
 
-    def _refine(self, requests: Sequence[EditRequest], vectors: Tensor, token_ids: list) -> Tensor:
+    def _refine(self, requests: Sequence[EditRequest], vectors: Tensor, records: Sequence[EditRecord]) -> Tensor:
         """A few Adam steps on each edit's own prompt vectors: NLL of target_new after prompt (LM frozen)."""
         cfg = self.config
         prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
@@ -307,7 +272,7 @@ class RecipeEditor(Editor):
         opt = torch.optim.Adam([vectors], lr=cfg.refine_lr * float(self.networks.prompt_encoder.emb_scale))
         with torch.enable_grad():
             for _ in range(cfg.refine_steps):
-                prefixes = [edit_prefix(v, t) for v, t in zip(vectors, token_ids)]
+                prefixes = [edit_prefix(v, r.token_ids) for v, r in zip(vectors, records)]
                 logp, _, _, mask = self.lm.target_logprobs(prompts, targets, prefixes)
                 loss = -(logp * mask).sum() / mask.sum()
                 if loss.item() < cfg.refine_stop_loss:
@@ -319,30 +284,31 @@ class RecipeEditor(Editor):
 
     def remove(self, ids: Sequence[EditId]) -> None:
         ids = list(ids)
-        unknown = sorted({i for i in ids if i not in self._statements})
+        unknown = sorted({i for i in ids if i not in self._records})
         if unknown:
             raise RecipeError(f"unknown edit id(s) {unknown[:10]}; nothing removed")
         self.repository.remove(ids)
         for i in set(ids):
-            del self._by_statement[self._statements.pop(i)]
-            self._token_ids.pop(i, None)
-            self._subjects.pop(i, None)
+            del self._by_statement[self._records.pop(i).statement]
 
     def rollback(self) -> None:
         if self.lm.prefix_provider == self._provide:
             self.lm.prefix_provider = None
         self.repository = self._new_repository()
-        self._statements.clear()
+        self._records.clear()
         self._by_statement.clear()
-        self._token_ids.clear()
-        self._subjects.clear()
         self.last_retrieval = []
         self._next_id = 0
 
     @property
     def statements(self) -> dict[EditId, str]:
         """Every stored edit: id -> knowledge statement (a copy)."""
-        return dict(self._statements)
+        return {i: r.statement for i, r in self._records.items()}
+
+    @property
+    def records(self) -> dict[EditId, EditRecord]:
+        """Every stored edit: id -> its record (a copy of the mapping; records are frozen)."""
+        return dict(self._records)
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -359,39 +325,19 @@ class RecipeEditor(Editor):
             r_q = self.networks.encoder.encode_query(chunk).float()  # (b, D)
             scores, ids = self.repository.search(r_q / scale, k=1)  # (b, 1) each: s(q, k_top)
             top = torch.from_numpy(scores[:, 0]).to(r_q.device)  # (b,)
-            thresholds = self.networks.sentinel(r_q)  # (b,)
-            accept = self.networks.sentinel.accept(top, r_q, self.config.sentinel_margin).tolist()  # (b,)
-            verified = self._verify(chunk, ids[:, 0].tolist(), accept)
-            for p, ok, edit_id, sc, th, v in zip(chunk, accept, ids[:, 0].tolist(), top.tolist(),
-                                                 thresholds.tolist(), verified):
-                if ok and self.verifier is not None:
-                    ok = v > self.verifier_threshold  # the verifier's veto
-                named = self._subject_in(p, edit_id) if ok and self.config.subject_gate else None
-                if named is False:  # the gate: a match on another entity's edit, unless the verifier is sure
-                    ok = self.config.subject_gate_bypass is not None and v > self.config.subject_gate_bypass
-                self.last_retrieval.append(Retrieval(p, edit_id if ok else None, sc, th, v, named))
-                out.append(self._prefix(edit_id) if ok else None)
+            records = [self._records[i] for i in ids[:, 0].tolist()]
+            accept, diagnostics = apply_gates(self.gates, Candidates(chunk, r_q, top, records))
+            n = len(chunk)
+            for p, ok, record, sc, th, v, named in zip(chunk, accept, records, top.tolist(), diagnostics["threshold"],
+                                                       diagnostics.get("verified", [math.nan] * n),
+                                                       diagnostics.get("subject_in_query", [None] * n)):
+                self.last_retrieval.append(Retrieval(p, record.id if ok else None, sc, th, v, named))
+                out.append(self._prefix(record) if ok else None)
         return out
 
-    def _subject_in(self, query: str, edit_id: EditId) -> bool | None:
-        """Whether the edit's subject occurs in the query (case-insensitive); None: the edit named no subject."""
-        subject = self._subjects.get(edit_id)
-        return None if subject is None else subject.casefold() in query.casefold()
-
-    def _verify(self, queries: list[str], edit_ids: list[int], accept: list[bool]) -> list[float]:
-        """The verifier's p for each sentinel-accepted (query, top-1 statement) pair; nan elsewhere."""
-        out = [math.nan] * len(queries)
-        rows = [i for i, ok in enumerate(accept) if ok]
-        if self.verifier is None or not rows:
-            return out
-        p = self.verifier.probability([queries[i] for i in rows], [self._statements[edit_ids[i]] for i in rows])
-        for i, v in zip(rows, p.tolist()):
-            out[i] = v
-        return out
-
-    def _prefix(self, edit_id: EditId) -> Prefix:
-        vectors = self.repository.get_prompts([edit_id])[0].to(self.lm.device)  # (l, H)
-        return edit_prefix(vectors, self._token_ids.get(edit_id))
+    def _prefix(self, record: EditRecord) -> Prefix:
+        vectors = self.repository.get_prompts([record.id])[0].to(self.lm.device)  # (l, H)
+        return edit_prefix(vectors, record.token_ids)
 
     # ---- persistence -------------------------------------------------------------------------
     def _check_info(self, info: dict, where: str) -> None:
@@ -405,22 +351,22 @@ class RecipeEditor(Editor):
         self._check_info(info, "the saved RECIPE state")
         if len(ids) != len(statements):
             raise RecipeError(f"saved state has {len(ids)} ids but {len(statements)} statements")
+        subjects = subjects if subjects is not None else [None] * len(ids)  # saves from before subjects were kept
+        records = self._records_of(ids, statements, subjects, where="saved RECIPE state: ")  # a long one: refused
         self.rollback()
         if repository is None:  # else: a loaded repository holding exactly these entries, adopted as is
             repository = self._new_repository()
             repository.add(keys, prompts, ids=ids)
         self.repository = repository
-        subjects = subjects if subjects is not None else [None] * len(ids)  # saves from before subjects were kept
-        for i, s, subject in zip(ids, statements, subjects):
-            self._remember(i, s, statement_token_ids(self.lm, s, self.separator) if self.config.prefix_mode == "vectors+statement"
-                           else None, subject)
+        for record in records:
+            self._remember(record)
         self._next_id = int(next_id)
         self.lm.prefix_provider = self._provide
 
     def state_dict(self) -> dict:
         ids = self.repository.ids()
         return {**super().state_dict(), "info": dict(self.info), "ids": ids,
-                "statements": [self._statements[i] for i in ids], "subjects": [self._subjects.get(i) for i in ids],
+                "statements": [self._records[i].statement for i in ids], "subjects": [self._records[i].subject for i in ids],
                 "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -435,8 +381,8 @@ class RecipeEditor(Editor):
         """Write the repository (keys, prompts, statements, next id) crash-safely to ``directory``."""
         ids = self.repository.ids()
         self.repository.info = {**self.info, "entries": {"next_id": self._next_id, "ids": ids,
-                                                         "statements": [self._statements[i] for i in ids],
-                                                         "subjects": [self._subjects.get(i) for i in ids]}}
+                                                         "statements": [self._records[i].statement for i in ids],
+                                                         "subjects": [self._records[i].subject for i in ids]}}
         try:
             return self.repository.save(directory)
         finally:

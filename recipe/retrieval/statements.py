@@ -1,0 +1,95 @@
+"""Knowledge statements as RECIPE stores them: normalised text, a bounded length, one record per edit.
+
+A statement (``prompt + " " + target_new``) is both the text the knowledge encoder turns into a key
+and, in "vectors+statement" mode, LM tokens inside every prefix that retrieves it. So it is checked
+once, at edit time and when a saved repository is loaded:
+
+- invisible and control characters are normalised (:func:`normalise_statement`): format characters
+  (zero-width spaces, joiners, BOM, bidirectional controls) are dropped and control whitespace becomes
+  a space, so padding a known fact with zero-width spaces gives that same fact, not a new entry;
+- its length in LM tokens is bounded (:func:`check_statement_length`), so that prefix + statement +
+  question fits well inside the LM's context and no stored entry can make a query fail.
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from recipe.errors import RecipeError
+from recipe.types import EditId
+
+if TYPE_CHECKING:
+    from recipe.lm import EditedLM
+
+DEFAULT_SEPARATOR = "\n"  # after the statement in a "vectors+statement" prefix (artefacts without the key: "")
+_CONTROL_WHITESPACE = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")
+
+
+class StatementError(RecipeError, ValueError):
+    """A knowledge statement that cannot be stored: empty, or longer than the configured bound."""
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One stored RECIPE edit. Its key and prompt vectors live in the repository under ``id``."""
+
+    id: EditId
+    statement: str  # normalised knowledge statement (the retrieval key's text)
+    token_ids: tuple[int, ...] | None  # the statement's LM tokens in the prefix; None in "vectors" mode
+    subject: str | None = None  # the entity the edit is about, where the request named one
+
+
+def normalise_statement(text: str) -> str:
+    """``text`` without format characters (Unicode category Cf: zero-width space/joiners, BOM, bidi
+    controls) and other control characters; control whitespace (tab, newline, ...) becomes a space.
+    Text without such characters comes back unchanged."""
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if ch in _CONTROL_WHITESPACE:
+            out.append(" ")
+        elif category not in ("Cf", "Cc"):
+            out.append(ch)
+    return "".join(out)
+
+
+def statement_token_ids(lm: EditedLM, statement: str, separator: str = DEFAULT_SEPARATOR) -> list[int]:
+    """The LM's tokens of a knowledge statement as it appears inside a "vectors+statement" prefix.
+
+    ``separator`` ends the statement before the query starts. Without one the statement runs into
+    the question ("...is EnglishThe mother tongue of...") and the frozen LM copies far less: with
+    the first shipped checkpoint (trained without it) and the right entry given, zsRE reliability /
+    generality were 0.752 / 0.728 without and 0.969 / 0.928 with "\\n" (150 seeded edits).
+    """
+    return lm.tokenizer(statement + separator, add_special_tokens=False).input_ids
+
+
+def statement_token_bound(lm: EditedLM, n_vectors: int, max_statement_tokens: int) -> int:
+    """The longest statement (in LM tokens, separator included) an editor stores: the configured bound,
+    and at most half of what the LM's context leaves after the prompt vectors (the other half is the
+    question's and the generated answer's)."""
+    return min(max_statement_tokens, (lm.max_length - n_vectors) // 2)
+
+
+def check_statement_length(statement: str, n_tokens: int, bound: int, where: str = "") -> None:
+    """StatementError when a statement of ``n_tokens`` LM tokens exceeds ``bound``."""
+    if n_tokens > bound:
+        raise StatementError(f"{where}knowledge statement of {n_tokens} LM tokens exceeds the bound of {bound} "
+                             f"(max_statement_tokens, at most half the LM's context): {statement[:80]!r}...")
+
+
+def make_records(lm: EditedLM, ids: Sequence[EditId], statements: Sequence[str], subjects: Sequence[str | None],
+                 *, separator: str, with_tokens: bool, bound: int, where: str = "") -> list[EditRecord]:
+    """Checked records of (normalised) statements: StatementError on an empty or too long one.
+
+    The length is measured on the tokens the prefix carries (statement + separator), whether or not
+    this mode puts them there, so that switching modes never meets a stored entry over the bound."""
+    records = []
+    for edit_id, statement, subject in zip(ids, statements, subjects):
+        if not statement.strip():
+            raise StatementError(f"{where}refusing an empty knowledge statement")
+        tokens = statement_token_ids(lm, statement, separator)
+        check_statement_length(statement, len(tokens), bound, where)
+        records.append(EditRecord(edit_id, statement, tuple(tokens) if with_tokens else None, subject))
+    return records
