@@ -11,6 +11,7 @@ from recipe.editors.recipe import RecipeEditor, save_artifact
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import Prefix
 from recipe.retrieval.encoders import KnowledgeEncoder, RecipeArchitecture, load_body
+from recipe.retrieval.gates import Gate, GateResult
 from recipe.retrieval.networks import RecipeNetworks
 from recipe.retrieval.sentinel import KnowledgeSentinel
 from recipe.testing import tiny_lm
@@ -251,3 +252,76 @@ def test_subject_gate_uses_only_edits_whose_subject_the_query_names(tiny, tmp_pa
 def test_subject_gate_bypass_needs_a_verifier(tiny):
     with pytest.raises(RecipeError, match="subject_gate_bypass"):
         make(tiny, subject_gate=True, subject_gate_bypass=0.9)
+
+
+def test_statement_over_the_bound_is_refused_and_changes_nothing(tiny):
+    editor = make(tiny, **ACCEPT_ALL)
+    ids = editor.edit(REQUESTS[:1])
+    base = outputs(tiny)
+    bound = editor.statement_bound
+    assert bound == (tiny.max_length - 3) // 2  # the tiny LM's context (128) binds before max_statement_tokens
+    long = EditRequest("The capital of France is", "Paris " * bound)
+    with pytest.raises(ValueError, match=f"exceeds the bound of {bound}"):
+        editor.edit([REQUESTS[1], long])
+    assert editor.repository.ids() == ids and list(editor.records) == ids and outputs(tiny) == base
+    assert editor.edit([REQUESTS[1]]) == [1]  # no id was used up by the refused call
+    tight = make(tiny_lm(), max_statement_tokens=4)
+    with pytest.raises(ValueError, match="bound of 4"):
+        tight.edit(REQUESTS[:1])
+    with pytest.raises(RecipeError, match="max_statement_tokens"):
+        make(tiny_lm(), max_statement_tokens=0)
+
+
+def test_a_statement_at_the_bound_leaves_room_for_the_question(tiny):
+    editor = make(tiny, **ACCEPT_ALL)
+    words = ["Paris"]
+    while len(tiny.tokenizer(" ".join(["The capital of France is", *words, "Paris"]) + "\n").input_ids) <= \
+            editor.statement_bound:
+        words.append("Paris")
+    request = EditRequest("The capital of France is", " ".join(words))
+    assert len(editor._records_of([0], [request.statement], [None])[0].token_ids) == editor.statement_bound
+    editor.edit([request])
+    texts = tiny.generate(PROMPTS, max_new_tokens=20)  # every query retrieves the one long entry
+    assert len(texts) == len(PROMPTS) and all(r.edit_id == 0 for r in editor.last_retrieval)
+
+
+def test_invisible_characters_are_normalised_so_padding_is_no_new_fact(tiny):
+    editor = make(tiny, **ACCEPT_ALL)
+    padded = EditRequest("The capital of\u200b France is", "Rome" + "\u200b" * 500 + "\ufeff")
+    (edit_id,) = editor.edit([padded])
+    assert editor.statements == {edit_id: REQUESTS[0].statement}  # 500 zero-width spaces add no token
+    with pytest.raises(RecipeError, match="duplicate statement"):
+        editor.edit([REQUESTS[0]])
+    tabbed = EditRequest("Hey Jude was\tperformed by", "Madonna\x07")
+    editor.edit([tabbed])
+    assert editor.statements[1] == "Hey Jude was performed by Madonna"
+
+
+def test_a_loaded_entry_over_the_bound_is_refused_and_changes_nothing(tmp_path):
+    roomy = make(tiny_lm(), max_statement_tokens=60)
+    roomy.edit([EditRequest("The capital of France is", "Paris " * 20)])
+    roomy.save(tmp_path / "repo")
+    tight = make(tiny_lm(), max_statement_tokens=8)
+    tight.edit([EditRequest("Hi", "there")])
+    before = tight.records
+    with pytest.raises(ValueError, match="saved RECIPE state: .*exceeds the bound of 8"):
+        tight.load(tmp_path / "repo")
+    with pytest.raises(ValueError, match="exceeds the bound of 8"):
+        tight.load_state_dict(roomy.state_dict())
+    assert tight.records == before and tight.repository.ids() == [0]
+
+
+def test_gates_compose_and_each_sees_the_flags_before_it(tiny):
+    editor = make(tiny, **ACCEPT_ALL)
+    editor.edit(REQUESTS)
+    seen = []
+
+    class NoAmazon(Gate):
+        def __call__(self, candidates, accept, diagnostics):
+            seen.append((list(accept), sorted(diagnostics)))
+            return GateResult([ok and "Amazon" not in q for ok, q in zip(accept, candidates.queries)])
+
+    editor.gates.append(NoAmazon())
+    editor._provide(PROMPTS)
+    assert seen == [([True] * len(PROMPTS), ["threshold"])]  # after the sentinel, with its diagnostics
+    assert [r.edit_id is None for r in editor.last_retrieval] == [False, False, True, False]
