@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+from recipe.editors.fast_forward import FrozenPrefix
 from recipe.lm import Prefix
 from recipe.prefix_cache import PrefixKVCache, model_cache, prefix_key
 
@@ -61,12 +62,14 @@ def test_cache_key_covers_the_prefix_tokens(tiny):
 
 
 def test_prefixed_generate_and_score_raise_no_cache_deprecation(tiny):
-    """The prefix cache goes to transformers as a Cache object under the keyword it takes today."""
+    """Key/value caches go to transformers as Cache objects under the keyword it takes today."""
     prefixes = _prefixes(tiny)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         texts = tiny.generate(PROMPTS, max_new_tokens=4, prefixes=prefixes)
         scores = tiny.score(PROMPTS, ["Paris", "x", "dog"], prefixes=prefixes)
+        frozen = FrozenPrefix(tiny, PROMPTS, ["Paris", "x", "dog"], split=3, above=1)  # the editors' cached columns
+        frozen.logits(add=torch.zeros_like(frozen.z))
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert deprecations == []
     assert texts == _inline(tiny, PROMPTS, prefixes, 4)
