@@ -85,7 +85,7 @@ class Retrieval:
     """What the provider decided for one query (``RecipeEditor.last_retrieval``)."""
 
     prompt: str
-    edit_id: EditId | None  # the entry whose prompt was used; None: the sentinel rejected
+    edit_id: EditId | None  # the entry whose prompt was used; None: a gate (sentinel, verifier, subject) turned it down
     score: float  # s(q, k) of the top-1 entry (-inf when the repository is empty)
     threshold: float  # s(q, r_s)
     verified: float = math.nan  # the verifier's p(top-1 entry bears on the query); nan: not asked

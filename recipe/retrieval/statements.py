@@ -8,7 +8,13 @@ once, at edit time and when a saved repository is loaded:
   (zero-width spaces, joiners, BOM, bidirectional controls) are dropped and control whitespace becomes
   a space, so padding a known fact with zero-width spaces gives that same fact, not a new entry;
 - its length in LM tokens is bounded (:func:`check_statement_length`), so that prefix + statement +
-  question fits well inside the LM's context and no stored entry can make a query fail.
+  question fits well inside the LM's context and no stored entry can make a query fail. A longer
+  statement is refused with a ``StatementError`` (a ``ValueError``) and the edit changes nothing; a
+  saved repository or state holding one is refused at load, as a whole and changing nothing (a larger
+  ``max_statement_tokens`` loads it), never truncated: a cut statement would no longer match its key.
+
+Statements loaded from a saved repository are not re-normalised: their keys were computed from the
+text as saved.
 """
 from __future__ import annotations
 
