@@ -93,8 +93,8 @@ def make_records(lm: EditedLM, ids: Sequence[EditId], statements: Sequence[str],
     this mode puts them there, so that switching modes never meets a stored entry over the bound."""
     records = []
     for edit_id, statement, subject in zip(ids, statements, subjects):
-        if not statement.strip():
-            raise StatementError(f"{where}refusing an empty knowledge statement")
+        if not isinstance(statement, str) or not statement.strip():
+            raise StatementError(f"{where}refusing an empty or non-text knowledge statement: {statement!r}")
         tokens = statement_token_ids(lm, statement, separator)
         check_statement_length(statement, len(tokens), bound, where)
         records.append(EditRecord(edit_id, statement, tuple(tokens) if with_tokens else None, subject))
