@@ -27,23 +27,40 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated whole numbers >= 1, e.g. ``1,10,100``."""
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
 def _count_or_all(text: str) -> int | None:
-    return None if text.strip().lower() == "all" else int(text)
+    return None if text.strip().lower() == "all" else positive_int(text)
 
 
 def _load(args):
-    from recipe.editors import EDITORS, load_editor
-    from recipe.errors import UnknownNameError
+    from recipe.editors import load_editor
+    from recipe.editors.base import editor_config
     from recipe.lm import EditedLM
     from recipe.models import get_spec, load_model
 
-    if args.editor not in EDITORS:  # fail before the model loads
-        raise UnknownNameError(f"unknown editor {args.editor!r}; available: {sorted(EDITORS)}")
+    config = editor_config(args.editor, args.config, **_parse_overrides(args.set))  # fail before the model loads
     get_spec(args.model)
-    overrides = _parse_overrides(args.set)
     model, tokenizer, spec = load_model(args.model)
     lm = EditedLM(model, tokenizer, spec, max_batch=args.batch_size)
-    editor = load_editor(args.editor, lm, args.config, **overrides)
+    editor = load_editor(args.editor, lm, config)
     return lm, editor
 
 
@@ -94,11 +111,10 @@ def cmd_eval(args) -> int:
     from recipe.eval.report import format_table, plot_metrics
     from recipe.eval.sequential import run_sequential
 
-    counts = [int(t) for t in args.edits.split(",") if t.strip()]
     cases = load_dataset(args.dataset, args.data_dir)
     lm, editor = _load(args)
     out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
-    result = run_sequential(lm, editor, cases, counts, n_cases=args.cases, seed=args.seed,
+    result = run_sequential(lm, editor, cases, args.edits, n_cases=args.cases, seed=args.seed,
                             free_generation=not args.no_generation, out_dir=out, resume=args.resume,
                             score_cases=args.score_cases, checkpoint_every=args.checkpoint_every,
                             save_states=args.save_states)
@@ -119,14 +135,13 @@ def cmd_general(args) -> int:
     from recipe.editors.state_file import load_state
     from recipe.eval.general import format_general, load_general, run_general
 
-    counts = [int(t) for t in args.edits.split(",") if t.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     items = load_general(args.data_dir, sets, args.n, args.seed)  # missing files fail before the model loads
     cases = load_dataset(args.dataset, args.data_dir)
     lm, editor = _load(args)
     out = Path(args.out or f"runs/general-{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
     states = [load_state(p) for p in args.editor_state]
-    result = run_general(lm, editor, cases, counts, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out,
+    result = run_general(lm, editor, cases, args.edits, items, seed=args.seed, max_tokens=args.max_tokens, out_dir=out,
                          states=states)
     (out / "run.json").write_text(json.dumps({"argv": args.argv, "dataset": args.dataset, "n": args.n,
                                               "editor_states": args.editor_state,
@@ -166,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="editor config YAML (default: configs/editors/<editor>.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one editor config key, e.g. --set steps=20 (repeatable)")
-        p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
+        p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default: %(default)s)")
 
     demo = sub.add_parser("demo", help="edit the bundled model with the built-in demo facts and show "
                                        "generate() before/after for edit prompts, paraphrases and unrelated prompts")
     common(demo, "recipe")
-    demo.add_argument("--edits", type=int, default=8, help="how many demo edits to apply (default: %(default)s)")
-    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--edits", type=positive_int, default=8, help="how many demo edits to apply (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=8, help="tokens generated per prompt (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="sequential-edit evaluation: T edits one at a time, then score all T",
@@ -181,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "-> roll back; for each T.")
     common(ev, "ft")
     ev.add_argument("--dataset", required=True, help="dataset name (see `recipe list`)")
-    ev.add_argument("--edits", default="1,10,100", help="comma-separated T values (default: %(default)s)")
-    ev.add_argument("--cases", type=int, default=None,
+    ev.add_argument("--edits", type=positive_ints, default="1,10,100", help="comma-separated T values (default: %(default)s)")
+    ev.add_argument("--cases", type=positive_int, default=None,
                     help="cases scored per T, cut into rounds of T edits (default: the largest T); "
                          "e.g. --edits 1 --cases 100 = 100 single-edit rounds")
     ev.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
@@ -192,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the complete rounds already in the output folder and run only the rest; a round "
                          "continues from its last checkpoint, or from the state --save-states kept")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
-    ev.add_argument("--score-cases", type=int, help="apply every edit of a round but score only a seeded sample "
+    ev.add_argument("--score-cases", type=positive_int, help="apply every edit of a round but score only a seeded sample "
                     "of this many of its cases (large sets on a CPU)")
-    ev.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+    ev.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                     help="save the editor's state every N edits inside a round, so that --resume continues a "
                          "round cut short (slow editors: ROME, MEMIT, T-Patcher)")
     ev.add_argument("--save-states", action="store_true",
@@ -209,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(edits accumulate) -> roll back. See recipe/eval/general.py for the scoring.")
     common(gen, "recipe")
     gen.add_argument("--dataset", required=True, help="dataset the edits come from (see `recipe list`)")
-    gen.add_argument("--edits", default="100,1000", help="comma-separated T values (default: %(default)s)")
+    gen.add_argument("--edits", type=positive_ints, default="100,1000", help="comma-separated T values (default: %(default)s)")
     gen.add_argument("--n", type=_count_or_all, default=200,
                      help="items per set (ANLI: per round), or 'all' (default: %(default)s)")
     gen.add_argument("--sets", default="mmlu,csqa,anli,squad,wikitext", help="comma-separated (default: %(default)s)")
-    gen.add_argument("--max-tokens", type=int, default=512,
+    gen.add_argument("--max-tokens", type=positive_int, default=512,
                      help="longest prompt + answer; longer contexts are cut (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0,
                      help="seed of the item subsets and of the edit order (default: %(default)s)")

@@ -6,6 +6,7 @@ several) plus the probes that score them (paraphrases, locality prompts, portabi
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 EditId = int
@@ -19,12 +20,22 @@ def _check_text(value: object, what: str) -> str:
     return value
 
 
+def normalize_text(text: str) -> str:
+    """``text`` in one canonical spelling: NFC, without control or invisible format characters
+    (zero-width spaces, joiners, BOM), whitespace runs collapsed to one space, no space at the ends."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
+    return " ".join(text.split())
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write into the model: after the edit, ``prompt`` should continue with ``target_new``.
 
     ``subject`` is the entity the fact is about; methods that locate the subject's tokens (ROME,
-    MEMIT) need it to occur in ``prompt``. ``target_true`` is the old answer, when known.
+    MEMIT) need it to occur in ``prompt``. ``target_true`` is the old answer, when known. Every text
+    is stored normalised (:func:`normalize_text`), so requests that differ only in spacing, invisible
+    characters or Unicode composition are equal, and one of them is caught as a duplicate.
     """
 
     prompt: str
@@ -33,10 +44,16 @@ class EditRequest:
     target_true: str | None = None
 
     def __post_init__(self) -> None:
-        _check_text(self.prompt, "EditRequest.prompt")
-        _check_text(self.target_new, "EditRequest.target_new")
-        if self.subject is not None:
-            _check_text(self.subject, "EditRequest.subject")
+        for name in ("prompt", "target_new", "subject"):
+            value = getattr(self, name)
+            if value is None and name == "subject":
+                continue
+            value = normalize_text(_check_text(value, f"EditRequest.{name}"))
+            if not value:
+                raise ValueError(f"EditRequest.{name} holds only invisible characters")
+            object.__setattr__(self, name, value)
+        if isinstance(self.target_true, str):  # informational: an empty old answer is no answer
+            object.__setattr__(self, "target_true", normalize_text(self.target_true) or None)
 
     @property
     def statement(self) -> str:

@@ -2,25 +2,39 @@
 
 Single, batch and sequential editing are the evaluation loop's choice, not an editor flag: ``edit``
 always applies on top of every earlier edit. Each editor owns its undo.
+
+``edit`` is all-or-nothing: the whole batch is checked before anything changes, and if applying it
+fails part-way, the editor's :meth:`Editor._savepoint` puts the model and the editor back as they were.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
 from recipe.config import configs_dir, load_config, to_dict
-from recipe.errors import IncompatibleError, RecipeError, UnknownNameError
+from recipe.errors import ConfigError, IncompatibleError, RecipeError, UnknownNameError
 from recipe.lm import EditedLM
 from recipe.types import EditId, EditRequest
 
 
 @dataclass
 class EditorConfig:
-    """Base class of every editor's config dataclass (one YAML per editor in configs/editors/)."""
+    """Base class of every editor's config dataclass (one YAML per editor in configs/editors/).
+
+    ``counts`` names the fields that must be whole numbers >= 1 (steps, batch sizes, sample counts).
+    """
+
+    counts: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{type(self).__name__} needs {name} >= 1 (a whole number), got {value!r}")
 
 
 class Editor(abc.ABC):
@@ -42,12 +56,26 @@ class Editor(abc.ABC):
         """Write ``requests`` into the model (the checked, id-assigned body of :meth:`edit`)."""
 
     def edit(self, requests: Sequence[EditRequest]) -> list[EditId]:
-        """Apply ``requests`` on top of every earlier edit; returns one id per request."""
+        """Apply ``requests`` on top of every earlier edit; returns one id per request.
+
+        All or nothing: a bad request anywhere in the batch is refused before anything changes, and
+        an error while applying restores the model and the editor to what they were before the call.
+        """
         requests = self._check(requests)
         ids = list(range(self._next_id, self._next_id + len(requests)))
-        self._apply(requests, ids)
+        restore = self._savepoint()
+        try:
+            self._apply(requests, ids)
+        except BaseException:
+            restore()
+            raise
         self._next_id += len(requests)
         return ids
+
+    def _savepoint(self) -> Callable[[], None]:
+        """A function that undoes whatever :meth:`_apply` changes from now on. The default undoes
+        nothing: right for editors whose ``_apply`` changes state only in its last, infallible step."""
+        return lambda: None
 
     def remove(self, ids: Sequence[EditId]) -> None:
         """Undo single edits, where the method can (weight editors cannot: use rollback)."""
@@ -79,8 +107,10 @@ class Editor(abc.ABC):
         for r in requests:
             if not isinstance(r, EditRequest):
                 raise RecipeError(f"edit() takes EditRequest objects, got {type(r).__name__}")
-            self.lm.prompt_ids(r.prompt)  # raises on empty / too long prompts
-            self.lm.target_ids(r.target_new)  # raises on targets that tokenise to nothing
+            n_tokens = len(self.lm.prompt_ids(r.prompt)) + len(self.lm.target_ids(r.target_new))  # raise on empty
+            if n_tokens > self.lm.max_length:
+                raise RecipeError(f"prompt + target of {n_tokens} tokens do not fit the model's context of "
+                                  f"{self.lm.max_length}: {r.prompt[:60]!r} -> {r.target_new[:60]!r}")
         return requests
 
     def default_layer(self, configured: int | None) -> int:
@@ -110,6 +140,19 @@ class ParamSnapshot:
     @property
     def names(self) -> list[str]:
         return list(self._saved)
+
+    def savepoint(self) -> Callable[[], None]:
+        """A function that puts every parameter back as it is now (parameters first touched later:
+        back to their originals)."""
+        now = {n: self.model.get_parameter(n).detach().clone() for n in self._saved}
+
+        @torch.no_grad()
+        def restore() -> None:
+            for name in list(self._saved):
+                value = now[name] if name in now else self._saved.pop(name)
+                self.model.get_parameter(name).copy_(value)
+
+        return restore
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -144,6 +187,9 @@ class WeightEditor(Editor):
         self.snapshot.restore()
         self._next_id = 0
 
+    def _savepoint(self) -> Callable[[], None]:
+        return self.snapshot.savepoint()
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "params": self.snapshot.current()}
 
@@ -167,16 +213,21 @@ def editor_names() -> list[str]:
     return sorted(EDITORS)
 
 
-def load_editor(name: str, lm: EditedLM, config: str | Path | dict | EditorConfig | None = None,
-                **overrides) -> Editor:
-    """Build editor ``name`` with its config: a dataclass, a dict, a YAML path, or (None) the
-    default ``configs/editors/<name>.yaml``; keyword overrides are checked like file keys."""
+def editor_config(name: str, config: str | Path | dict | EditorConfig | None = None, **overrides) -> EditorConfig:
+    """The checked config of editor ``name``: a dataclass, a dict, a YAML path, or (None) the default
+    ``configs/editors/<name>.yaml``; keyword overrides are checked like file keys."""
     if name not in EDITORS:
         raise UnknownNameError(f"unknown editor {name!r}; available: {editor_names()}")
-    cls = EDITORS[name]
-    if not isinstance(config, EditorConfig):
-        if config is None:
-            default = configs_dir() / "editors" / f"{name}.yaml"
-            config = default if default.exists() else {}
-        config = load_config(cls.config_cls, config, **overrides)
-    return cls(lm, config)
+    if isinstance(config, EditorConfig):
+        return config
+    if config is None:
+        default = configs_dir() / "editors" / f"{name}.yaml"
+        config = default if default.exists() else {}
+    return load_config(EDITORS[name].config_cls, config, **overrides)
+
+
+def load_editor(name: str, lm: EditedLM, config: str | Path | dict | EditorConfig | None = None,
+                **overrides) -> Editor:
+    """Build editor ``name`` on ``lm`` with its config (see :func:`editor_config`)."""
+    config = editor_config(name, config, **overrides)
+    return EDITORS[name](lm, config)

@@ -4,13 +4,15 @@ For each edit, Adam minimises the NLL of the target tokens after the prompt (los
 tokens, ``prompt + " " + target`` tokenised as everywhere else), changing only
 ``spec.mlp_out.format(layer)``; after every step the change made by this edit is clamped to
 ``[-norm_constraint, norm_constraint]`` element-wise (Zhu et al. 2020, as used by ROME's FT-L).
-The bound is taken against the weights before this edit, so sequential edits accumulate.
+The bound is taken against the weights before this edit, so sequential edits accumulate. The
+requests of one ``edit`` call are one objective; its gradient is accumulated over chunks of
+``batch_size`` requests, so memory does not grow with the size of the call.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -27,6 +29,8 @@ class FTConfig(EditorConfig):
     lr: float = 5.0e-3  # Adam learning rate
     norm_constraint: float = 2.0e-2  # L-inf bound on the change per edit; 0 disables the bound
     stop_loss: float = 5.0e-2  # stop early once the mean target NLL is below this
+    batch_size: int = 8  # requests per forward pass; an edit() call of more is run in chunks (same result)
+    counts: ClassVar[tuple[str, ...]] = ("steps", "batch_size")
 
 
 @register_editor
@@ -44,23 +48,30 @@ class FTEditor(WeightEditor):
         cfg = self.config
         weight = self.snapshot.touch(self.param_name)
         before = weight.detach().clone()
-        prompts = [r.prompt for r in requests]
-        targets = [r.target_new for r in requests]
+        chunks = [requests[s:s + cfg.batch_size] for s in range(0, len(requests), cfg.batch_size)]
+        n_tokens = sum(len(self.lm.target_ids(r.target_new)) for r in requests)
         weight.requires_grad_(True)
         opt = torch.optim.Adam([weight], lr=cfg.lr)
         try:
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
-                logp, _, _, mask = self.lm.target_logprobs(prompts, targets, prefixes=None)
-                loss = -(logp * mask).sum() / mask.sum()  # mean NLL over target tokens
-                if loss.item() < cfg.stop_loss:
+                loss = sum(self._accumulate(chunk, n_tokens) for chunk in chunks)  # mean NLL over all target tokens
+                if loss < cfg.stop_loss:
                     break
-                loss.backward()
                 opt.step()
                 if cfg.norm_constraint > 0:
                     with torch.no_grad():
                         delta = (weight - before).clamp_(-cfg.norm_constraint, cfg.norm_constraint)
                         weight.copy_(before + delta)
-            log.debug("ft edit %s: %d steps, loss %.4f", ids, step + 1, loss.item())
+            log.debug("ft edit %s: %d steps, loss %.4f", ids, step + 1, loss)
         finally:
             weight.requires_grad_(False)
+            weight.grad = None
+
+    def _accumulate(self, chunk: Sequence[EditRequest], n_tokens: int) -> float:
+        """Add the gradient of this chunk's share of the mean target NLL; returns that share."""
+        logp, _, _, mask = self.lm.target_logprobs([r.prompt for r in chunk], [r.target_new for r in chunk],
+                                                   prefixes=None)  # (B, L) each, B <= batch_size
+        loss = -(logp * mask).sum() / n_tokens
+        loss.backward()
+        return loss.item()

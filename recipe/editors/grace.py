@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,7 @@ class GraceConfig(EditorConfig):
     steps: int = 100  # most Adam steps per value
     lr: float = 0.5  # Adam learning rate on the value
     stop_loss: float = 5.0e-2  # stop once the target's mean NLL is below this
+    counts: ClassVar[tuple[str, ...]] = ("steps",)
 
 
 class GraceCodebook(nn.Module):
@@ -129,11 +130,27 @@ class GraceEditor(Editor):
             self.lm.replace_module(self.path, self.codebook)
         return self.codebook
 
-    def rollback(self) -> None:
+    def _uninstall(self) -> None:
         if self.codebook is not None:
             self.lm.replace_module(self.path, self.codebook.proj)
             self.codebook = None
+
+    def rollback(self) -> None:
+        self._uninstall()
         self._next_id = 0
+
+    def _savepoint(self):
+        """Undo for a failed ``edit``: the codebook's entries as they are now (values and radii change in place)."""
+        book = self.codebook
+        if book is None:
+            return self._uninstall
+        saved = (book.keys, book.values.clone(), book.radii.clone(), list(book.labels), [list(o) for o in book.owners])
+
+        def restore() -> None:
+            book.keys, book.values, book.radii, book.labels, book.owners = saved
+            book.training_value, book.capture, book.captured = None, False, None
+
+        return restore
 
     # ---- the protocol ------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:

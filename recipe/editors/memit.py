@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ class MEMITConfig(EditorConfig):
     mom2_update_weight: float = 15000.0  # λ: weight of the preserved keys' covariance (MEMIT eq. 14)
     covariance: str = "wikitext"  # key statistics source: one of rank_one.COVARIANCE_SOURCES
     n_cov_samples: int = 2000  # text samples behind C = E[k kᵀ]
+    counts: ClassVar[tuple[str, ...]] = ("context_templates", "steps", "n_cov_samples")
 
 
 def memit_layer_update(cov: Tensor, keys: Tensor, resid: Tensor, mom2_weight: float,

@@ -25,6 +25,7 @@ prompt; ``"last"`` uses the prompt's last token and needs no subject (ROME's ``f
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
@@ -50,6 +51,20 @@ KL_TEMPLATE = "{} is a"  # ROME's essence-drift prompt
 
 
 # ---- positions -------------------------------------------------------------------------------
+# A letter or digit that continues a word: "Rome" does not occur in "Romeo". Kana and CJK ideographs
+# are written without spaces, so next to them a subject still counts as a word of its own.
+_WORD_CHAR = r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+
+
+def find_subject(text: str, subject: str, start: int = 0) -> int:
+    """Index of the first occurrence of ``subject`` in ``text[start:]`` as a whole word (not inside a
+    longer word), or -1."""
+    before = f"(?<!{_WORD_CHAR})" if re.match(_WORD_CHAR, subject) else ""
+    after = f"(?!{_WORD_CHAR})" if re.match(_WORD_CHAR, subject[-1:]) else ""
+    found = re.compile(before + re.escape(subject) + after).search(text, start)
+    return -1 if found is None else found.start()
+
+
 def fact_index(lm: EditedLM, text: str, subject: str | None, fact_token: FactToken = "subject_last",
                search_from: int = 0) -> int:
     """Index in ``lm.prompt_ids(text)`` of the token that holds the fact: the last token of ``subject``
@@ -59,9 +74,9 @@ def fact_index(lm: EditedLM, text: str, subject: str | None, fact_token: FactTok
         return len(ids) - 1
     if subject is None:
         raise RecipeError(f"fact_token 'subject_last' needs EditRequest.subject; the request for {text!r} has none")
-    start = text.find(subject, search_from)
+    start = find_subject(text, subject, search_from)
     if start < 0:
-        raise RecipeError(f"subject {subject!r} does not occur in prompt {text[search_from:]!r}")
+        raise RecipeError(f"subject {subject!r} does not occur as a word in prompt {text[search_from:]!r}")
     formatted = lm.format_prompt(text)
     end = formatted.find(text) + start + len(subject)  # char just after the subject
     enc = lm.tokenizer(formatted, add_special_tokens=not lm.spec.chat_template, return_offsets_mapping=True)
@@ -69,6 +84,18 @@ def fact_index(lm: EditedLM, text: str, subject: str | None, fact_token: FactTok
         raise RecipeError(f"tokenizer offsets disagree with prompt_ids for {text!r}")
     hits = [i for i, (s, e) in enumerate(enc.offset_mapping) if e > s and s < end]
     return hits[-1]
+
+
+def check_request(lm: EditedLM, request: EditRequest, prefixes: Sequence[str], fact_token: FactToken) -> None:
+    """Raise a clear error unless ``request`` can be edited: its fact token found after every context
+    prefix and in the essence prompt, and the longest prefixed prompt + target within the context."""
+    texts, _ = _texts_and_indices(lm, request, prefixes, fact_token)
+    if fact_token == "subject_last":
+        fact_index(lm, KL_TEMPLATE.format(request.subject), request.subject, fact_token)
+    n_tokens = max(len(lm.prompt_ids(t)) for t in texts) + len(lm.target_ids(request.target_new))
+    if n_tokens > lm.max_length:
+        raise RecipeError(f"prompt + target of {n_tokens} tokens (with a context prefix) do not fit the model's "
+                          f"context of {lm.max_length}: {request.prompt[:60]!r}")
 
 
 def _texts_and_indices(lm: EditedLM, request: EditRequest, prefixes: Sequence[str],

@@ -27,7 +27,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import safetensors.torch
 import torch
@@ -74,6 +74,7 @@ class RecipeConfig(EditorConfig):
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
     refine_stop_loss: float = 5.0e-2  # stop refining once the target NLL is below this
     batch_size: int = 64  # texts per encoder forward pass (edits and queries)
+    counts: ClassVar[tuple[str, ...]] = ("batch_size",)
     use_gpu: bool | None = None  # FAISS index on a GPU; None: when faiss sees one
     prompt_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # prompts in RAM and on disk (float32: bit-exact)
     index: IndexKind = "auto"  # repository index: "flat" (exact), "ivf" or "auto" (IVF from 262,144 edits on)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class ROMEConfig(EditorConfig):
     stop_loss: float = 5.0e-2  # stop v* steps once the mean target NLL is below this
     covariance: str = "wikitext"  # key statistics source: one of rank_one.COVARIANCE_SOURCES
     n_cov_samples: int = 2000  # text samples behind C = E[k kᵀ]
+    counts: ClassVar[tuple[str, ...]] = ("context_templates", "steps", "n_cov_samples")
 
 
 def value_options(cfg) -> rank_one.ValueOptions:
@@ -69,8 +70,8 @@ def check_subjects(requests: Sequence[EditRequest], fact_token: str, editor: str
         if r.subject is None:
             raise RecipeError(f"{editor} edits at the subject's last token and needs EditRequest.subject; "
                               f"the request {r.prompt!r} -> {r.target_new!r} has none")
-        if r.subject not in r.prompt:
-            raise RecipeError(f"subject {r.subject!r} does not occur in prompt {r.prompt!r}")
+        if rank_one.find_subject(r.prompt, r.subject) < 0:
+            raise RecipeError(f"subject {r.subject!r} does not occur as a word in prompt {r.prompt!r}")
 
 
 def rank_one_update(weight: Tensor, cov: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -94,6 +95,8 @@ class RankOneEditor(WeightEditor):
     def _check(self, requests):
         requests = super()._check(requests)
         check_subjects(requests, self.config.fact_token, self.name)
+        for r in requests:  # every position and length the edit will need, before anything changes
+            rank_one.check_request(self.lm, r, self.prefixes, self.config.fact_token)
         return requests
 
 

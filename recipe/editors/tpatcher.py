@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,7 @@ class TPatcherConfig(EditorConfig):
     memory_sentences: list[str] = field(default_factory=lambda: list(NEUTRAL_SENTENCES))  # fixed unrelated memory texts
     stop_loss: float = 5.0e-2  # stop once target NLL < this, the neurons fire on the edit and on no memory token
     neurons: Literal["one", "per_target_token"] = "per_target_token"  # "one": the paper's single neuron per edit
+    counts: ClassVar[tuple[str, ...]] = ("steps", "memory_topk", "memory_size")
 
 
 @dataclass
@@ -188,6 +189,21 @@ class TPatcherEditor(Editor):
             wrapper.add(edit_id, patch)
             self.patch_layer[edit_id] = self.layer
             self.memory_prompts = (self.memory_prompts + [request.prompt])[-self.config.memory_size:]
+
+    def _savepoint(self):
+        """Undo for a failed ``edit``: drop the patches and wrappers added after now, restore the memory bank."""
+        layers, patch_layer, memory = set(self.wrappers), dict(self.patch_layer), list(self.memory_prompts)
+
+        def restore() -> None:
+            for edit_id in set(self.patch_layer) - set(patch_layer):
+                self.wrappers[self.patch_layer[edit_id]].drop(edit_id)
+            for wrapper in self.wrappers.values():
+                wrapper.training_patch, wrapper.capture, wrapper.captured = None, False, None
+            for layer in set(self.wrappers) - layers:
+                self._uninstall(layer)
+            self.patch_layer, self.memory_prompts = patch_layer, memory
+
+        return restore
 
     def remove(self, ids: Sequence[EditId]) -> None:
         unknown = [i for i in ids if i not in self.patch_layer]
