@@ -60,9 +60,11 @@ class TraceResult:
 
 def subject_span(lm: EditedLM, prompt: str, subject: str) -> tuple[int, int]:
     """[first, last] index in ``lm.prompt_ids(prompt)`` of the tokens that overlap ``subject``."""
-    start = prompt.find(subject)
+    from recipe.editors.rank_one import find_subject
+
+    start = find_subject(prompt, subject)
     if start < 0:
-        raise RecipeError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+        raise RecipeError(f"subject {subject!r} does not occur as a word in prompt {prompt!r}")
     formatted = lm.format_prompt(prompt)
     begin = formatted.find(prompt) + start
     end = begin + len(subject)

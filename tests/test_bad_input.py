@@ -341,3 +341,12 @@ def test_recipe_refuses_a_near_duplicate_edit(tiny):
     with pytest.raises(RecipeError, match="occurs twice"):
         editor.edit([EditRequest("Hey Jude was performed by", "Madonna"),
                      EditRequest("Hey Jude was performed  by", " Madonna")])
+
+
+def test_causal_tracing_spans_the_subject_word_not_a_word_containing_it(tiny):
+    from recipe.editors.rank_one import fact_index
+    from recipe.locate import subject_span
+
+    text = "Romeo met a man from Rome in"
+    assert subject_span(tiny, text, "Rome")[1] == fact_index(tiny, text, "Rome")
+    assert subject_span(tiny, text, "Rome")[0] > subject_span(tiny, text, "Romeo")[1]
