@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
     result = run_sequential(lm, editor, cases, args.edits, n_cases=args.cases, seed=args.seed,
                             free_generation=not args.no_generation, out_dir=out, resume=args.resume,
                             score_cases=args.score_cases, checkpoint_every=args.checkpoint_every,
-                            save_states=args.save_states)
+                            save_states=args.save_states, identity={"dataset": args.dataset})
     summaries = list(result.summaries.values())
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)

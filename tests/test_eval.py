@@ -76,7 +76,7 @@ def test_resume_skips_completed_rounds_and_matches(tiny, demo_cases, tmp_path):
         """Wraps an editor and counts edit calls."""
 
         def __init__(self, inner):
-            self.inner, self.calls, self.name = inner, 0, inner.name
+            self.inner, self.calls, self.name, self.config = inner, 0, inner.name, inner.config
 
         def edit(self, requests):
             self.calls += 1
@@ -116,18 +116,40 @@ def test_resume_reads_the_unedited_record_while_model_and_probes_match(tiny, dem
                            resume=True, progress=False).summaries[2]
     assert "unedited model: " not in calls and again["tf"] == first["tf"] and again["em"] == first["em"]
     with torch.no_grad():
-        tiny.model.lm_head.weight[0, 0] += 1.0  # other weights: scored again
+        tiny.model.lm_head.weight[0, 0] += 1.0  # other weights: another run, refused
         try:
-            calls.clear()
-            run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path,
-                           resume=True, progress=False)
-            assert "unedited model: " in calls
+            with pytest.raises(RecipeError, match="model_fingerprint"):
+                run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path,
+                               resume=True, progress=False)
         finally:
             tiny.model.lm_head.weight[0, 0] -= 1.0
-    calls.clear()
-    run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path, resume=True,
-                   free_generation=False, progress=False)  # other probes settings: scored again
-    assert "unedited model: " in calls
+    with pytest.raises(RecipeError, match="free_generation"):  # other scoring settings: refused too
+        run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path, resume=True,
+                       free_generation=False, progress=False)
+    (tmp_path / "identity.json").unlink()
+    with pytest.raises(RecipeError, match="without identity.json"):
+        run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], n_cases=4, out_dir=tmp_path, resume=True,
+                       progress=False)
+
+
+def test_resume_refuses_a_folder_of_another_editor_config_or_dataset(tiny, demo_cases, tmp_path):
+    def ft(**kw):
+        return load_editor("ft", tiny, steps=2, **kw)
+
+    kw = dict(n_cases=2, out_dir=tmp_path, free_generation=False, progress=False)
+    ft_run = run_sequential(tiny, ft(), demo_cases, [1], identity={"dataset": "demo"}, **kw).summaries[1]
+    rows = (tmp_path / "T1.jsonl").read_text()
+    for editor, cases, ident, wrong in [(load_editor("none", tiny), demo_cases, "demo", "editor: 'ft' there, 'none'"),
+                                        (ft(lr=1.0e-3), demo_cases, "demo", "editor_config.lr"),
+                                        (ft(), demo_cases, "zsre", "dataset: 'demo' there, 'zsre'"),
+                                        (ft(), demo_cases[::-1], "demo", "cases"),
+                                        (ft(), demo_cases, "demo", "seed")]:
+        with pytest.raises(RecipeError, match=wrong):
+            run_sequential(tiny, editor, cases, [1], identity={"dataset": ident}, resume=True,
+                           **{**kw, **({"seed": 5} if wrong == "seed" else {})})
+        assert (tmp_path / "T1.jsonl").read_text() == rows  # nothing of the other run was written
+    again = run_sequential(tiny, ft(), demo_cases, [1], identity={"dataset": "demo"}, resume=True, **kw)
+    assert again.summaries[1]["tf"] == ft_run["tf"]  # the same run resumes
 
 
 def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):

@@ -22,9 +22,12 @@ from typing import Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from recipe.editors.base import Editor
-from recipe.editors.state_file import EditorStateError, load_state, save_state
+from recipe.editors.state_file import save_state
 from recipe.errors import RecipeError
+from recipe.eval.editing import apply_edits
 from recipe.eval.metrics import exact_match, generate_for, generation_budget, locality_accuracy
+from recipe.eval.resume import (check_identity, completed_rounds, model_fingerprint, resume_round, round_meta,
+                                run_identity)
 from recipe.lm import EditedLM, TargetScore
 from recipe.types import EditCase
 
@@ -81,15 +84,6 @@ def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, progre
     return scores, gens, (t1 - t0, time.perf_counter() - t1)
 
 
-def _model_fingerprint(lm: EditedLM) -> str:
-    """A cheap content hash of the weights (each parameter's name, shape and first 64 values)."""
-    h = hashlib.sha256()
-    for name, param in lm.model.named_parameters():
-        h.update(f"{name}{tuple(param.shape)}".encode())
-        h.update(param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out: Path | None, resume: bool,
                      progress: bool) -> tuple[list[TargetScore], list[str] | None]:
     """The unedited model's scores (and continuations) on the locality probes ``qs``.
@@ -97,7 +91,7 @@ def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out:
     With an output folder they are also kept in ``out/unedited.json`` with a key made of the weights'
     fingerprint and the probes; a resumed run whose key matches reads them instead of scoring again
     (minutes at T = 1,000 on a CPU)."""
-    key = hashlib.sha256(json.dumps([_model_fingerprint(lm), free_generation,
+    key = hashlib.sha256(json.dumps([model_fingerprint(lm), free_generation,
                                      [(q.prompt, q.target, list(q.answers)) for q in qs]]).encode()).hexdigest()
     path = out / "unedited.json" if out is not None else None
     if resume and path is not None and path.exists():
@@ -120,10 +114,13 @@ def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out:
 
 
 def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_times) -> list[dict]:
-    """Per-case metrics. ``case_idx``: the pool index of each case; ``qs``: ``(j, query)`` pairs, j
-    indexing the unedited-model records."""
+    """Per-case metrics, plus every scored query with its prompt, target, accepted answers and the
+    edited model's greedy continuation (``generated``; the unedited model's too for locality probes).
+    ``case_idx``: the pool index of each case; ``qs``: ``(j, query)`` pairs, j indexing the
+    unedited-model records."""
     pos = {c: n for n, c in enumerate(case_idx)}
-    rows = [{"case_id": c.case_id, "edit_time_s": t, "tf": {}, "em": {}} for c, t in zip(cases, edit_times)]
+    rows = [{"case_id": c.case_id, "edit_time_s": t, "tf": {}, "em": {}, "queries": []}
+            for c, t in zip(cases, edit_times)]
     acc: list[dict[str, dict[str, list[float]]]] = [{"tf": {}, "em": {}} for _ in cases]
     for n, (j, q) in enumerate(qs):
         if q.kind == "locality":
@@ -137,10 +134,24 @@ def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_t
             acc[pos[q.case]]["tf"].setdefault(key, []).append(tf)
             if em is not None:
                 acc[pos[q.case]]["em"].setdefault(key, []).append(em)
+        rows[pos[q.case]]["queries"].append(_query_record(q, tf, em, gens and gens[n],
+                                                          base_gens.get(j) if q.kind == "locality" else None))
     for row, a in zip(rows, acc):
         for mode in ("tf", "em"):
             row[mode] = {k: _mean(v) for k, v in sorted(a[mode].items())}
     return rows
+
+
+def _query_record(q: _Query, tf: float, em: float | None, generated: str | None, unedited: str | None) -> dict:
+    """One scored query as the per-case JSONL keeps it: what was asked, what was wanted, what came out."""
+    record = {"kind": q.kind, "group": q.group, "prompt": q.prompt, "target": q.target, "tf": tf}
+    if list(q.answers) != [q.target]:
+        record["answers"] = list(q.answers)
+    if generated is not None:
+        record |= {"generated": generated, "em": em}
+    if unedited is not None:
+        record["unedited"] = unedited
+    return record
 
 
 def proc_status_mb(field: str = "VmHWM") -> float | None:
@@ -177,69 +188,12 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     return summary
 
 
-def _completed_rounds(path: Path, pool: Sequence[EditCase], T: int,
-                      scored: dict[tuple[int, int], list[int]]) -> tuple[list[dict], int]:
-    """Rows of the complete rounds already in ``path`` (for --resume) and the pool index where the next
-    round starts. Each round of T edits wrote the rows of its scored cases (``scored[(T, start)]``) at
-    once; they are checked against ``pool``, and a partly written last round is dropped and redone."""
-    if not path.exists():
-        return [], 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept: list[dict] = []
-    start = 0
-    while (T, start) in scored:
-        idx = scored[(T, start)]
-        block = rows[len(kept):len(kept) + len(idx)]
-        if len(block) < len(idx):
-            break
-        for i, r in zip(idx, block):
-            if r.get("case_id") != pool[i].case_id:
-                raise RecipeError(f"{path} was written by another run (case {i} is {r.get('case_id')!r}, expected "
-                                  f"{pool[i].case_id!r}); use another output folder or drop --resume")
-        kept += block
-        start += T
-    return kept, start
-
-
 def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> list[int]:
     """Pool indices scored in the round of T edits starting at ``start``: all, or a seeded sample."""
     idx = list(range(start, start + T))
     if score_cases is None or score_cases >= T:
         return idx
     return sorted(random.Random(f"{seed}:{T}:{start}").sample(idx, score_cases))
-
-
-def _round_meta(T: int, start: int, seed: int, chosen: Sequence[EditCase], edit_times: list[float]) -> dict:
-    return {"T": T, "start": start, "seed": seed, "applied": len(edit_times),
-            "case_ids": [c.case_id for c in chosen[:len(edit_times)]], "edit_times": edit_times}
-
-
-def _resume_round(editor: Editor, paths: Sequence[Path], T: int, start: int, seed: int,
-                  chosen: Sequence[EditCase]) -> list[float]:
-    """Edit times of the cases already applied by the furthest valid checkpoint among ``paths`` (a
-    mid-round checkpoint, or the state a finished round kept); that state is loaded into ``editor``."""
-    best: tuple[int, dict, dict, Path] | None = None
-    for path in paths:
-        if not path.exists():
-            continue
-        try:
-            state, meta = load_state(path)
-        except EditorStateError as e:
-            log.warning("ignoring the checkpoint %s: %s", path, e)
-            continue
-        applied = int(meta.get("applied", 0))
-        if (meta.get("T"), meta.get("start"), meta.get("seed")) != (T, start, seed) or applied > len(chosen) or \
-                meta.get("case_ids") != [c.case_id for c in chosen[:applied]]:
-            log.warning("ignoring the checkpoint %s: it belongs to another round or run", path)
-            continue
-        if best is None or applied > best[0]:
-            best = (applied, state, meta, path)
-    if best is None:
-        return []
-    applied, state, meta, path = best
-    editor.load_state_dict(state)
-    log.info("resuming round %d of T=%d after %d applied edits (%s)", start // T, T, applied, path)
-    return [float(t) for t in meta["edit_times"]]
 
 
 def _kept_state(out: Path, T: int) -> Path:
@@ -253,16 +207,15 @@ def _apply_round(editor: Editor, chosen: Sequence[EditCase], T: int, start: int,
     ``out/T<T>.round`` so that ``resume`` continues the round from there. Returns the edit times."""
     ckpt = out / f"T{T}.round" if out is not None and checkpoint_every else None
     kept = [_kept_state(out, T)] if out is not None and start == 0 else []  # what --save-states kept
-    edit_times = _resume_round(editor, ([ckpt] if ckpt else []) + kept, T, start, seed, chosen) if resume else []
-    bar.update(len(edit_times))
-    for k in range(len(edit_times), len(chosen)):
-        t0 = time.perf_counter()
-        editor.edit(chosen[k].requests)
-        edit_times.append(time.perf_counter() - t0)
-        bar.update(1)
-        if ckpt is not None and (k + 1) % checkpoint_every == 0 and k + 1 < len(chosen):
-            save_state(editor.state_dict(), ckpt, _round_meta(T, start, seed, chosen, edit_times))
-    return edit_times
+    done = resume_round(editor, ([ckpt] if ckpt else []) + kept, T, start, seed, chosen) if resume else []
+    bar.update(len(done))
+
+    def checkpoint(k: int, times: list[float]) -> None:
+        applied = len(done) + k + 1
+        if ckpt is not None and applied % checkpoint_every == 0 and applied < len(chosen):
+            save_state(editor.state_dict(), ckpt, round_meta(T, start, seed, chosen, done + times))
+
+    return done + apply_edits(editor, chosen[len(done):], bar=bar, after_each=checkpoint)
 
 
 def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
@@ -276,7 +229,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
                    out_dir: str | Path | None = None, resume: bool = False,
                    progress: bool = True, score_cases: int | None = None, checkpoint_every: int | None = None,
-                   save_states: bool = False) -> SequentialResult:
+                   save_states: bool = False, identity: dict | None = None) -> SequentialResult:
     """Run the sequential protocol for every T in ``edit_counts``.
 
     The first ``n_cases`` cases of one seeded shuffle (default: the largest T) are cut into
@@ -296,6 +249,10 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     ``out_dir/T<T>.round`` after every that many cases, and ``resume`` continues the round from it.
     ``save_states``: the editor's state after the first round of each T (the first T cases of the
     shuffle) is kept in ``out_dir/state-T<T>`` (``recipe general --editor-state`` measures it).
+
+    The run's identity (editor, its config, model, the cases, seed and scoring settings, plus the
+    caller's ``identity`` entries such as the dataset's name) goes to ``out_dir/identity.json``;
+    ``resume`` refuses a folder that holds another run.
     """
     counts = sorted(set(int(t) for t in edit_counts))
     if not counts or counts[0] < 1:
@@ -315,6 +272,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        check_identity(out, run_identity(lm, editor, cases, seed=seed, free_generation=free_generation,
+                                         score_cases=score_cases, extra=identity), resume)
 
     scored = {(T, start): _scored_cases(T, start, score_cases, seed)
               for T in counts for start in range(0, n_cases // T * T, T)}
@@ -329,7 +288,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     for T in counts:
         rounds = n_cases // T
         path = out / f"T{T}.jsonl" if out is not None else None
-        rows, done = _completed_rounds(path, pool, T, scored) if resume else ([], 0)
+        rows, done = completed_rounds(path, pool, T, scored) if resume else ([], 0)
         if path is not None:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         bar = tqdm(total=rounds * T, initial=done, desc=f"{editor.name}: T={T} ({rounds} round(s))",
@@ -340,7 +299,7 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             qs = [(j, q) for j, q in pool_qs if q.case in keep]
             edit_times = _apply_round(editor, chosen, T, start, seed, out, resume, checkpoint_every, bar)
             if save_states and start == 0:
-                save_state(editor.state_dict(), _kept_state(out, T), _round_meta(T, start, seed, chosen, edit_times))
+                save_state(editor.state_dict(), _kept_state(out, T), round_meta(T, start, seed, chosen, edit_times))
             edit_times = [edit_times[i - start] for i in idx]
             scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation,
                                                 progress=progress and T > 1, desc=f"{editor.name}: T={T}: ")
