@@ -84,6 +84,7 @@ def measure(args) -> dict:
 
     from recipe.data import load_dataset
     from recipe.editors import load_editor
+    from recipe.eval.editing import apply_edits
     from recipe.eval.sequential import proc_status_mb
     from recipe.lm import EditedLM
     from recipe.models import load_model
@@ -109,11 +110,7 @@ def measure(args) -> dict:
         base_score = _timed(lambda: lm.score(score_prompts, score_targets, prefixes=None), 1)[0]
 
     editor = load_editor(args.editor, lm, None, **json.loads(args.set))
-    edit_s = []
-    for c in cases:
-        t0 = time.perf_counter()
-        editor.edit(c.requests)
-        edit_s.append(time.perf_counter() - t0)
+    edit_s = apply_edits(editor, cases)
     with torch.no_grad():
         score_s = _timed(lambda: lm.score(score_prompts, score_targets), 1)[0]
         edited_gen = _gen_timings(lm, gen_prompts, args.new_tokens, args.reps)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from recipe.editors.state_file import load_state, save_state  # noqa: E402
 from recipe.errors import RecipeError  # noqa: E402
+from recipe.eval.editing import apply_edits  # noqa: E402
 from recipe.eval.general import score_wikitext  # noqa: E402
 from recipe.eval.metrics import locality_accuracy  # noqa: E402
 
@@ -105,19 +106,21 @@ def run(lm, editor, order, every: int, probe_cases: int, wikitext: list[str], ou
     done = rows[-1]["edits"]
     bar = tqdm(total=len(order), initial=done, desc=f"{editor.name}: edits", disable=not progress)
     edit_s = 0.0
-    for k in range(done, len(order)):
-        t0 = time.perf_counter()
-        editor.edit(order[k].requests)
-        edit_s += time.perf_counter() - t0
-        bar.update(1)
-        if (k + 1) % every == 0 or k + 1 == len(order):
-            row = probe(lm, k + 1) | {"edit_s": edit_s}
+
+    def probe_every(k: int, times: list[float]) -> None:
+        nonlocal edit_s
+        edits = done + k + 1
+        edit_s += times[-1]
+        if edits % every == 0 or edits == len(order):
+            row = probe(lm, edits) | {"edit_s": edit_s}
             edit_s = 0.0
             rows.append(row)
             with open(out / "trajectory.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            save_state(editor.state_dict(), out / "trajectory.state", meta | {"applied": k + 1})
+            save_state(editor.state_dict(), out / "trajectory.state", meta | {"applied": edits})
             bar.set_postfix({m: f"{row[m]:.3f}" for m in METRICS if row[m] is not None})
+
+    apply_edits(editor, order[done:], bar=bar, after_each=probe_every)
     bar.close()
     return rows
 
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
     meta = {"editor": args.editor, "dataset": args.dataset, "model": args.model, "edits": args.edits,
             "every": args.every, "probe_cases": args.probe_cases, "wikitext": args.wikitext, "seed": args.seed}
     run(lm, editor, seeded_order(cases, args.seed)[:args.edits], args.every, args.probe_cases, wikitext, out, meta)
-    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:], **meta}, indent=1))
+    (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else list(argv), **meta}, indent=1))
     print(report(out, f"{args.editor} on {args.dataset} ({args.model}, seed {args.seed})"))
     return 0
 

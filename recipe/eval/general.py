@@ -37,6 +37,7 @@ from recipe.data.common import DatasetFormatError, Record, find_file, read_text
 from recipe.data.registry import DATA_DIR_ENV, load_wikitext, resolve_data_dir
 from recipe.editors.base import Editor
 from recipe.errors import RecipeError, UnknownNameError
+from recipe.eval.editing import apply_edits
 from recipe.eval.sequential import seeded_order
 from recipe.lm import EditedLM
 from recipe.types import EditCase
@@ -357,10 +358,8 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
                 editor.load_state_dict(state)
                 edit_s, done = float(sum(meta["edit_times"])), T
                 log.info("T=%d: loaded a saved %s state instead of applying %d edits", T, editor.name, T)
-            for case in tqdm(order[done:T], desc=f"{editor.name}: edits {done}->{T}", disable=not progress):
-                t0 = time.perf_counter()
-                editor.edit(case.requests)
-                edit_s += time.perf_counter() - t0
+            with tqdm(total=T - done, desc=f"{editor.name}: edits {done}->{T}", disable=not progress) as bar:
+                edit_s += sum(apply_edits(editor, order[done:T], bar=bar))
             result["runs"].append({"T": T, "edit_s": edit_s, **measure(lm, items, max_tokens, progress)})
             if out_dir is not None:
                 write_outputs(result, out_dir)
