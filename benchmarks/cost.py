@@ -1,4 +1,4 @@
-"""Edit and inference cost of one editor on SmolLM2 (issue #5 "Cost"); one process per editor.
+"""Edit and inference cost of one editor on SmolLM2 ; one process per editor.
 
     RECIPE_DATA_DIR=... OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cost.py --editor recipe [--edits 20]
     .venv/bin/python benchmarks/cost.py --report      # table + plot over every benchmarks/results/cost/*.json

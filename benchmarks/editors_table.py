@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/editors_table.py [--out benchmarks/results/editors]
 
 Reads each ``*/summary.json`` + ``run.json`` written by ``recipe eval`` (copied there by
-benchmarks/foundation.sh, recipe.sh, baselines.sh) and writes ``table.md`` (editor × dataset × T:
+``python -m benchmarks.run``: the foundation, recipe, baselines and baselines-1000 experiments) and writes ``table.md`` (editor × dataset × T:
 reliability, generality, locality as teacher-forced / free-generation exact match, edit time, peak
 memory, cases scored) and ``editors.png`` (each metric against T, one line per editor).
 """
@@ -36,7 +36,7 @@ def collect(root: Path = ROOT) -> list[dict]:
         shown = [x for x in sets if not x.startswith(("duplicates=", "verifier="))]
         if any(x.startswith("verifier=") for x in sets):  # RECIPE + the EditVerifier
             editor = f"{editor} + verifier"
-        if summary.parent.name.startswith("tpatcher-one-"):  # session 3's T-Patcher, before per-token neurons
+        if summary.parent.name.startswith("tpatcher-one-"):  # the earlier T-Patcher, before per-token neurons
             shown.append("neurons=one")
         if shown:
             editor = f"{editor} ({', '.join(shown)})"

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/general_table.py [--results benchmarks/results/general] [--out ...]
 
 Reads each ``*/general.json`` + ``run.json`` written by ``recipe general`` (copied there by
-benchmarks/general.sh and baselines_1000.sh) and writes ``table.md`` (editor × dataset the edits came
+``python -m benchmarks.run``: the general and general-1000 experiments) and writes ``table.md`` (editor × dataset the edits came
 from × T: MMLU, CSQA, ANLI accuracy, SQuAD 2.0 mean 1/perplexity, WikiText perplexity) and
 ``general.png`` (each score against T, one line per editor and dataset, the unedited model at T = 0).
 Runs of one editor and dataset with different T (e.g. T = 100 in one folder, T = 1,000 in another) join
@@ -24,7 +24,7 @@ WIKITEXT_CAP = 10.0  # in the plot, perplexities above 10 × the unedited one ar
 
 def _dataset(run: dict, folder: str, editor: str) -> str:
     """The dataset the edits came from: run.json's argv, else the folder name general-<editor>-<dataset>[-T]
-    (session 3's runs kept no run.json)."""
+    (the earliest runs kept no run.json)."""
     argv = run.get("argv", [])
     if "--dataset" in argv:
         return argv[argv.index("--dataset") + 1]

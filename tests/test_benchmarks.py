@@ -39,7 +39,7 @@ def _eval_run(tiny, monkeypatch, out, editor, *extra):
 
 
 def _keep(run, results, name):
-    """What benchmarks/baselines.sh copies into benchmarks/results/<group>/<name>/."""
+    """What the runner copies into benchmarks/results/<group>/<name>/ (the files the tables read)."""
     (results / name).mkdir(parents=True)
     for f in ("summary.json", "run.json"):
         shutil.copy(run / f, results / name / f)
