@@ -104,7 +104,7 @@ def command(args) -> str:
             + ("" if args.heatmap else " --no-heatmap"))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or a HF id")
     p.add_argument("--n", type=int, default=20, help="facts to trace (the best known of --screen)")
@@ -119,6 +119,11 @@ def main(argv=None) -> int:
                    help="also write a full (layers × tokens) trace of the best-known fact")
     p.add_argument("--data", default=None, help="data dir (default: $RECIPE_DATA_DIR)")
     p.add_argument("--out", default=None, help="default: benchmarks/results/causal_trace/<model>")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "causal_trace" / args.model

@@ -1,4 +1,4 @@
-"""Edit and inference cost of one editor on SmolLM2 ; one process per editor.
+"""Edit and inference cost of one editor on SmolLM2; one process per editor.
 
     RECIPE_DATA_DIR=... OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cost.py --editor recipe [--edits 20]
     .venv/bin/python benchmarks/cost.py --report      # table + plot over every benchmarks/results/cost/*.json
@@ -192,7 +192,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--editor", help="editor name (see `recipe list`)")
     p.add_argument("--model", default="smollm2-135m")
@@ -204,6 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true", help="only write table.md + cost.png from the saved JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.report:

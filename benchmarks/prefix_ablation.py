@@ -158,7 +158,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", default=[], help="RECIPE artefact folder (repeatable)")
     p.add_argument("--model", default="smollm2-135m")
@@ -168,6 +168,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prefix_ablation")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

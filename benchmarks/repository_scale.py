@@ -40,7 +40,7 @@ GEN_CHUNK = 8192  # keys are generated in chunks of this many rows, each from it
 TARGET_MS = 5.0  # the target: <= 5 ms per query (batched) at 1M entries
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated entry counts")
     p.add_argument("--kinds", default="flat,ivf", help="index kinds: flat, ivf, auto")
@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo runs whose result file exists")
     p.add_argument("--in-process", action="store_true", help="no subprocess per run (tests)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "<kind>,<size>": run one, in this process
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def set_threads(n: int) -> None:

@@ -137,7 +137,7 @@ def best_fixed(d: dict) -> float:
     return best_t
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="checkpoints/recipe-smollm2")
     p.add_argument("--model", default="smollm2-135m")
@@ -151,6 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--verifier-margins", default="-2,-1,0", help="sentinel margins tried with the verifier")
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "retrieval")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     lm = EditedLM(*load_model(args.model))

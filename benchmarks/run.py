@@ -53,6 +53,7 @@ RESULT_FILES = {  # kinds that work in <work>/<experiment>/<run>/: the files cop
     "general": ("general.json", "general.txt", "run.json"),
     "trajectory": ("run.json", "trajectory.jsonl", "trajectory.md")}
 RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # what the experiment's JSON includes
+DATA_FLAG = {"causal_trace": "data", "repository_scale": None}  # how --data-dir is passed on (default: data-dir)
 
 
 @dataclass
@@ -100,20 +101,29 @@ def load_experiment(path: Path) -> Experiment:
         run.kind = run.kind or exp.kind
         if run.analyses and run.kind != "eval":
             raise ConfigError(f"{path}: run {run.name!r}: analyses are for eval runs, not {run.kind}")
-        if not all(isinstance(v, (str, int, float, bool, list)) for v in run.args.values()):
+        if not all(isinstance(v, (str, int, float, bool, list)) for v in run.args.values()):  # not nested maps
             raise ConfigError(f"{path}: run {run.name!r}: args values are strings, numbers, true/false or lists")
-        if run.kind in CLI_KINDS:
-            _check_cli(run, path)
+        _check_args(run, path)
     return exp
 
 
-def _check_cli(run: Run, path: Path) -> None:
-    from recipe.cli import build_parser
+def _entry(kind: str) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of ``kind``'s entry point and the words before its flags."""
+    if kind in CLI_KINDS:
+        from recipe.cli import build_parser
 
+        return build_parser(), [kind]
+    return importlib.import_module(f"benchmarks.{kind}").build_parser(), []
+
+
+def _check_args(run: Run, path: Path) -> None:
+    parser, head = _entry(run.kind)
+    parser.exit_on_error = False
     try:
-        build_parser().parse_args([run.kind, *flags(run.args, {})])
-    except SystemExit:
-        raise ConfigError(f"{path}: run {run.name!r}: `recipe {run.kind}` does not accept {run.args}") from None
+        parser.parse_args([*head, *flags(run.args, {})])
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise ConfigError(f"{path}: run {run.name!r}: its {run.kind} entry point does not accept {run.args} "
+                          f"({err})") from None
 
 
 def flags(args: dict, names: dict[str, str]) -> list[str]:
@@ -142,8 +152,9 @@ def run_one(run: Run, work: Path, results: Path, names: dict[str, str], data_dir
             fresh: bool) -> dict:
     """Run ``run`` (its folder: ``work``) and copy what it measured into ``results``; returns its record."""
     argv = flags(run.args, names)
-    if data_dir is not None and "data-dir" not in run.args and run.kind != "repository_scale":
-        argv += ["--data-dir", data_dir]
+    data_flag = DATA_FLAG.get(run.kind, "data-dir")
+    if data_dir is not None and data_flag is not None and data_flag not in run.args:
+        argv += [f"--{data_flag}", data_dir]
     if run.kind in RESULT_FILES:
         if fresh:
             shutil.rmtree(work, ignore_errors=True)
@@ -240,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which SIMD build it loads
     try:
         if args.list:
             sys.stdout.write(_list() + "\n")

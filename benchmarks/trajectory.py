@@ -161,7 +161,7 @@ def report(out: Path, title: str) -> str:
     return table
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--editor")
     ap.add_argument("--dataset", default="zsre")
@@ -174,6 +174,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", help="default: $RECIPE_DATA_DIR")
     ap.add_argument("--out")
     ap.add_argument("--plot", metavar="DIR", help="only write the table and plot of DIR")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.plot:

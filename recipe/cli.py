@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output folder (default: runs/<editor>-<dataset>-<model>)")
     ev.add_argument("--resume", action="store_true",
                     help="keep the complete rounds already in the output folder and run only the rest; a round "
-                         "continues from its last checkpoint, or from the state --save-states kept")
+                         "continues from its last checkpoint, or from the state --save-states kept; a folder of "
+                         "another run (editor, config, dataset, seed, model, cases) is refused")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
     ev.add_argument("--score-cases", type=positive_int, help="apply every edit of a round but score only a seeded sample "
                     "of this many of its cases (large sets on a CPU)")

@@ -293,6 +293,15 @@ def test_every_committed_t1000_result_has_its_run_in_an_experiment():
             assert str(runs[result.name].args[flag]) == argv[argv.index(f"--{flag}") + 1], (result.name, flag)
 
 
+def test_run_args_become_flags():
+    from benchmarks.run import flags
+
+    args = {"edits": "1,10", "cases": 20, "no-generation": True, "save-states": False, "set": ["a=1", "b=2"],
+            "out": "{results}/x"}
+    assert flags(args, {"results": "R"}) == ["--edits", "1,10", "--cases", "20", "--no-generation", "--set", "a=1",
+                                             "--set", "b=2", "--out", "R/x"]
+
+
 def _experiment(tmp_path, runs: str, kind: str = "eval") -> str:
     path = tmp_path / "tiny-demo.yaml"
     path.write_text(f"description: a tiny experiment\nkind: {kind}\nruns:\n{runs}")
@@ -353,6 +362,8 @@ def test_runner_refuses_an_unknown_key_before_running(tmp_path, monkeypatch):
         run.load_experiment(Path(bad))
     with pytest.raises(ConfigError, match="does not accept"):
         run.load_experiment(Path(_experiment(tmp_path, "  - {name: a, args: {editor: ft, dataset: demo, edit: 2}}\n")))
+    with pytest.raises(ConfigError, match="does not accept"):  # a benchmark module's flags are checked too
+        run.load_experiment(Path(_experiment(tmp_path, "  - {name: a, args: {editor: ft, evry: 5}}\n", "trajectory")))
     with pytest.raises(ConfigError, match="not one of"):
         run.load_experiment(Path(_experiment(tmp_path, "  - {name: a}\n", kind="nonsense")))
 

@@ -150,6 +150,10 @@ def test_resume_refuses_a_folder_of_another_editor_config_or_dataset(tiny, demo_
         assert (tmp_path / "T1.jsonl").read_text() == rows  # nothing of the other run was written
     again = run_sequential(tiny, ft(), demo_cases, [1], identity={"dataset": "demo"}, resume=True, **kw)
     assert again.summaries[1]["tf"] == ft_run["tf"]  # the same run resumes
+    (tmp_path / "T7.round").mkdir()  # a checkpoint of the ft run
+    run_sequential(tiny, load_editor("none", tiny), demo_cases, [2], identity={"dataset": "demo"}, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T2.jsonl", "identity.json", "summary.json",
+                                                          "unedited.json"]  # started over: nothing of ft's left
 
 
 def test_score_cases_applies_every_edit_but_scores_a_seeded_sample(tiny):

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,21 +63,40 @@ def _differences(there: dict, here: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _recorded_identity(path: Path, resume: bool) -> dict | None:
+    """The identity recorded at ``path``; None when there is none (or, starting over, an unreadable one)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        if not resume:
+            return None
+        raise RecipeError(f"{path} is not valid JSON ({err}); use another output folder or drop --resume") from None
+
+
 def check_identity(out: Path, identity: dict, resume: bool) -> None:
-    """Refuse to resume ``out`` when it holds another run; then record ``identity`` there."""
+    """Refuse to resume ``out`` when it holds another run; then record ``identity`` there.
+
+    Without ``resume``, the run starts over in ``out``: checkpoints, kept states and the unedited
+    record of another run found there are removed, so that no later ``resume`` can pick them up."""
     path = out / IDENTITY_FILE
-    if resume and path.exists():
-        try:
-            there = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"{path} is not valid JSON ({err}); use another output folder or drop --resume")
-        diff = _differences(there, identity)
-        if diff:
-            raise RecipeError(f"{out} holds another run ({'; '.join(diff)}); use another output folder or "
-                              "drop --resume to start over there")
-    elif resume and any(p for pattern in _RUN_FILES for p in out.glob(pattern)):
+    there = _recorded_identity(path, resume)
+    diff = _differences(there, identity) if there is not None else []
+    leftovers = [p for pattern in _RUN_FILES for p in out.glob(pattern)]
+    if resume and diff:
+        raise RecipeError(f"{out} holds another run ({'; '.join(diff)}); use another output folder or "
+                          "drop --resume to start over there")
+    if resume and there is None and leftovers:
         raise RecipeError(f"{out} holds results without {IDENTITY_FILE}, so it cannot be checked to be this "
                           "run; use another output folder or drop --resume")
+    if not resume and (there is None or diff):
+        for p in leftovers:
+            log.info("starting over in %s: removing %s of another run", out, p.name)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(identity, indent=1))
     tmp.replace(path)
