@@ -64,7 +64,8 @@ class Run:
     args: dict = field(default_factory=dict)  # the entry point's flags without "--"; true: a bare flag; a list: repeated
     kind: Kind | None = None  # default: the experiment's kind
     keep: bool = True  # copy its result files into benchmarks/results (false: a run kept for its editor state)
-    analyses: list[Literal["seen_split"]] = field(default_factory=list)  # eval only: also split its cases by
+    # eval only: analyses of its per-case rows (seen_split: targets seen / never seen in training, shared subjects)
+    analyses: list[Literal["seen_split"]] = field(default_factory=list)
 
 
 @dataclass
@@ -135,8 +136,14 @@ def flags(args: dict, names: dict[str, str]) -> list[str]:
             if v is True:
                 out.append(f"--{key}")
             elif v is not False:
-                out += [f"--{key}", v.format(**names) if isinstance(v, str) and names else str(v)]
+                out += [f"--{key}", _fill(str(v), names)]
     return out
+
+
+def _fill(text: str, names: dict[str, str]) -> str:
+    for name, value in names.items():
+        text = text.replace("{" + name + "}", value)
+    return text
 
 
 def machine() -> str:
@@ -172,7 +179,8 @@ def run_one(run: Run, work: Path, results: Path, names: dict[str, str], data_dir
         dataset = ["--dataset", str(run.args["dataset"])] + (["--data-dir", data_dir] if data_dir else [])
         if importlib.import_module(f"benchmarks.{analysis}").main([str(work), *dataset]):
             raise RecipeError(f"the {analysis} analysis of run {run.name!r} failed")
-    record = {"name": run.name, "kind": run.kind, "argv": argv}
+    record = {"name": run.name, "kind": run.kind, "argv": argv, "date": datetime.date.today().isoformat(),
+              "machine": machine()}
     if run.kind in RESULT_JSON:
         record["result"] = json.loads((work / RESULT_JSON[run.kind]).read_text())
     if run.kind in RESULT_FILES and run.keep:
@@ -197,9 +205,8 @@ def write_result(path: Path, name: str, exp: Experiment, records: list[dict]) ->
     old = json.loads(path.read_text()) if path.exists() else {}
     runs = {r["name"]: r for r in old.get("runs", [])} | {r["name"]: r for r in records}
     order = [r.name for r in exp.runs]
-    result = {"experiment": name, "description": exp.description, "date": datetime.date.today().isoformat(),
-              "machine": machine(), "runs": sorted(runs.values(), key=lambda r: order.index(r["name"])
-                                                   if r["name"] in order else len(order))}
+    result = {"experiment": name, "description": exp.description,  # each run says when and where it ran
+              "runs": sorted(runs.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))

@@ -297,9 +297,9 @@ def test_run_args_become_flags():
     from benchmarks.run import flags
 
     args = {"edits": "1,10", "cases": 20, "no-generation": True, "save-states": False, "set": ["a=1", "b=2"],
-            "out": "{results}/x"}
+            "out": "{results}/x", "set-json": '{"steps": 20}'}
     assert flags(args, {"results": "R"}) == ["--edits", "1,10", "--cases", "20", "--no-generation", "--set", "a=1",
-                                             "--set", "b=2", "--out", "R/x"]
+                                             "--set", "b=2", "--out", "R/x", "--set-json", '{"steps": 20}']
 
 
 def _experiment(tmp_path, runs: str, kind: str = "eval") -> str:
