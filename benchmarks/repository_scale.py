@@ -323,7 +323,7 @@ def machine() -> dict:
 
 
 def _portable(path: Path) -> str:
-    """``path`` relative to the checkout when inside it: results must not name this machine's folders."""
+    """``path`` relative to the checkout when inside it: results name no folder of the computer that made them."""
     root = Path(__file__).resolve().parents[1]
     try:
         return str(path.resolve().relative_to(root))

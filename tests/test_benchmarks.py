@@ -401,6 +401,22 @@ def test_a_killed_run_resumes_where_it_stopped(tiny, one_thread, tmp_path, monke
         assert a["tf"] == pytest.approx(b["tf"], abs=1e-6) and a["em"] == b["em"]
 
 
+@needs_smollm2
+@pytest.mark.slow
+def test_the_runner_regenerates_a_committed_result(data_dir, tmp_path):
+    """FT-L on the first 20 CounterFact cases at T = 1 and 10 (about 3 CPU minutes): every score equals the
+    committed one; only timings and memory depend on the machine."""
+    from benchmarks import run
+
+    assert run.main(["baselines", "--only", "ft-counterfact-small", "--data-dir", str(data_dir),
+                     "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]) == 0
+    new = json.loads((tmp_path / "results" / "baselines" / "ft-counterfact-small" / "summary.json").read_text())
+    old = json.loads((run.RESULTS / "baselines" / "ft-counterfact-small" / "summary.json").read_text())
+    measured = ("edit_time_s", "score_ms_per_query", "generate_ms_per_query", "peak_rss_mb")
+    assert [{k: v for k, v in s.items() if k not in measured} for s in new] == \
+        [{k: v for k, v in s.items() if k not in measured} for s in old]
+
+
 def test_resuming_an_ft_folder_with_another_editor_or_config_is_refused(tiny, one_thread, tmp_path, monkeypatch,
                                                                           capsys):
     _tiny_cli(monkeypatch, tiny)
