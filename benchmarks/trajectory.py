@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from recipe.editors.state_file import load_state, save_state  # noqa: E402
 from recipe.errors import RecipeError  # noqa: E402
 from recipe.eval.editing import apply_edits  # noqa: E402
-from recipe.eval.general import score_wikitext  # noqa: E402
+from recipe.eval.general_sets import score_wikitext  # noqa: E402
 from recipe.eval.metrics import locality_accuracy  # noqa: E402
 
 log = logging.getLogger("benchmarks.trajectory")

@@ -3,6 +3,9 @@
 The sets, their prompts and how each is scored: :mod:`recipe.eval.general_sets`. Here: the registry of
 sets, their seeded subsets, and the loop that measures the unedited model and then the model after the
 first T cases of the sequential loop's shuffle, for each T.
+
+Each set is shuffled with ``seeded_order`` (the sequential loop's shuffle) and its first ``n`` items
+kept (``None``: all); ANLI keeps ``n`` per round.
 """
 from __future__ import annotations
 
@@ -19,10 +22,9 @@ from recipe.data.registry import resolve_data_dir
 from recipe.editors.base import Editor
 from recipe.errors import RecipeError, UnknownNameError
 from recipe.eval.editing import apply_edits
-from recipe.eval.general_sets import (  # noqa: F401  (re-exported: the sets' public names)
-    ANLI_LABELS, LETTERS, NO_ANSWER, PROMPT_WORDS, Choice, Reading, choice_predictions, choice_prompt, fit_tokens,
-    load_anli, load_csqa, load_mmlu, load_squad, load_wikitext_test, score_choices, score_squad, score_wikitext,
-    squad_prompt, wikitext_pair)
+from recipe.eval.general_sets import (  # noqa: F401  (items, prompts and scorers, also imported from here)
+    Choice, Reading, choice_predictions, choice_prompt, load_anli, load_csqa, load_mmlu, load_squad,
+    load_wikitext_test, score_choices, score_squad, score_wikitext, squad_prompt)
 from recipe.eval.sequential import seeded_order
 from recipe.lm import EditedLM
 from recipe.types import EditCase

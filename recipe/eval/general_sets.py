@@ -1,5 +1,6 @@
 """The five general-ability sets: their items, prompts and scores (MMLU, CommonsenseQA, ANLI, SQuAD 2.0,
 WikiText); :mod:`recipe.eval.general` measures them before and after lifelong editing.
+
 Scored as RECIPE's ``evaluation/llm_general_eval.py`` scores them (see ``<data_dir>/general/README.md``):
 
 - MMLU, CommonsenseQA, ANLI: zero-shot multiple choice. The prompt is an instruction, the question and
@@ -16,9 +17,6 @@ Every prompt + answer is at most ``max_tokens`` tokens: a longer SQuAD context i
 centred on the (plausible) answer, a longer MMLU/ANLI question loses its start, a longer WikiText
 paragraph its end. Everything runs through :class:`EditedLM`, so prefix editors (RECIPE) see each
 prompt as in real use and weight editors act through the changed weights.
-
-Each set is shuffled with ``seeded_order`` (the sequential loop's shuffle) and its first ``n`` items
-kept (``None``: all); ANLI keeps ``n`` per round.
 """
 from __future__ import annotations
 
