@@ -185,7 +185,7 @@ def test_save_replaces_previous_and_empty_repository_round_trips(tmp_path):
     assert len(KnowledgeRepository.load(tmp_path / "r")) == 0
     filled(3)[0].save(tmp_path / "r")
     assert KnowledgeRepository.load(tmp_path / "r").ids() == [0, 1, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert _listing(tmp_path) == ["r"]
 
 
 def test_load_with_mismatched_info_names_the_field(tmp_path):
@@ -194,6 +194,11 @@ def test_load_with_mismatched_info_names_the_field(tmp_path):
         KnowledgeRepository.load(tmp_path / "r", expect_info={"hidden_size": 640})
     with pytest.raises(RepositoryMismatchError, match=r"tokenizer"):
         KnowledgeRepository.load(tmp_path / "r", expect_info={"tokenizer": "x"})
+
+
+def _listing(folder: Path) -> list[str]:
+    """The names in ``folder`` but the save lock's file (``.<name>.lock``, which stays)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 def _flip_byte(path: Path) -> None:
@@ -253,7 +258,7 @@ def test_failed_save_leaves_previous_repository_and_no_leftovers(tmp_path, monke
     monkeypatch.setattr(module, "_write_json", fail)
     with pytest.raises(OSError, match="disk full"):
         new.save(tmp_path / "r")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert _listing(tmp_path) == ["r"]
     assert torch.equal(KnowledgeRepository.load(tmp_path / "r").get_prompts(range(4)), old_prompts)
 
 
@@ -291,7 +296,7 @@ def test_save_killed_midway_keeps_previous_repository_loadable(tmp_path, point):
     result = subprocess.run([sys.executable, "-c", _CRASHING_SAVE, str(path), point], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
-    leftovers = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())  # drop the .tmp-<uuid> suffix
+    leftovers = sorted(name.split("-")[0] for name in _listing(tmp_path))  # drop the .tmp-<uuid> suffix
     assert leftovers == ([".r.old", ".r.tmp"] if point == "after-old-moved-away" else [".r.tmp", "r"])
 
     survived = KnowledgeRepository.load(path)  # from r, or from .r.old when r is gone
@@ -301,7 +306,7 @@ def test_save_killed_midway_keeps_previous_repository_loadable(tmp_path, point):
 
     survived.remove([5])
     survived.save(path)  # repairs the layout, then writes the new state
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert _listing(tmp_path) == ["r"]
     assert KnowledgeRepository.load(path).ids() == [0, 1, 2, 3, 4]
 
 

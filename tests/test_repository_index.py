@@ -13,7 +13,7 @@ import recipe.retrieval.key_index as key_index
 from recipe.retrieval import KnowledgeRepository, RepositoryCorruptError, RepositoryInputError
 from recipe.retrieval.prompt_store import PromptStore
 from recipe.retrieval.repository import META_FILE, TENSOR_FILE
-from recipe.retrieval.repository_format import sha256_file
+from recipe.storage import reseal, sha256_file
 from recipe.retrieval.tensor_file import TensorFile, write
 
 D, L, H = 16, 3, 8
@@ -157,7 +157,7 @@ def test_tensor_file_is_safetensors_and_streams(tmp_path):
         assert torch.equal(f.read("prompts", 5, 6), plain["prompts"][5:6])
 
 
-def test_format_1_repository_still_loads(tmp_path):
+def test_a_repository_without_manifest_is_refused_clearly(tmp_path):
     keys, values = clustered_keys(20), prompts(20)
     (tmp_path / "old").mkdir()
     tensors = {"keys": torch.from_numpy(keys), "prompts": values, "ids": torch.arange(20, dtype=torch.int64)}
@@ -166,9 +166,8 @@ def test_format_1_repository_still_loads(tmp_path):
             "prompt_dtype": "float32", "count": 20, "next_id": 25, "info": {}, "tensor_file": TENSOR_FILE,
             "sha256": sha256_file(tmp_path / "old" / TENSOR_FILE)}
     (tmp_path / "old" / META_FILE).write_text(json.dumps(meta))
-    repo = KnowledgeRepository.load(tmp_path / "old")
-    assert repo.ids() == list(range(20)) and torch.equal(repo.get_prompts(range(20)), values)
-    assert repo.add(keys[:1], values[:1]) == [25]
+    with pytest.raises(RepositoryCorruptError, match="no manifest.json"):  # its JSON is covered by no checksum
+        KnowledgeRepository.load(tmp_path / "old")
 
 
 def test_out_of_range_ivf_lists_are_corrupt(tmp_path):
@@ -177,9 +176,8 @@ def test_out_of_range_ivf_lists_are_corrupt(tmp_path):
     with TensorFile(path / TENSOR_FILE) as f:
         tensors = {name: f.read(name) for name in f.entries}
     tensors["ivf_lists"][3] = 10_000
-    meta = json.loads((path / META_FILE).read_text())
-    meta["sha256"] = write(path / TENSOR_FILE, tensors, {"format": meta["format"]})
-    (path / META_FILE).write_text(json.dumps(meta))
+    write(path / TENSOR_FILE, tensors, {"format": "recipe.knowledge_repository"})
+    reseal(path)  # a consistent manifest: the range check must catch it
     with pytest.raises(RepositoryCorruptError, match="IVF"):
         KnowledgeRepository.load(path)
 

@@ -14,7 +14,7 @@ Memory per entry: 4 D bytes of key + ~50 bytes of FAISS ids/maps + l H itemsize 
 10.3-10.7 KB of RSS growth at 100k-300k entries with float32 prompts; 5.6 KB counted, 6.1 KB RSS (flat)
 and 7.3 KB RSS (IVF: its lists grow by doubling) at 1M entries with float16 prompts.
 
-Not thread-safe; one writer per directory at a time.
+Not thread-safe. Saves and loads of one directory from several processes take turns (a file lock).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 from recipe.retrieval.key_index import DEFAULT_INDEX, DEFAULT_NPROBE, INDEX_KINDS, IndexKind, KeyIndex
 from recipe.retrieval.prompt_store import PromptStore
 from recipe.retrieval.repository_format import (  # noqa: F401  (errors and file names re-exported)
+    ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_FILE,
@@ -47,14 +48,17 @@ from recipe.retrieval.repository_format import (  # noqa: F401  (errors and file
     RepositoryMismatchError,
     RepositoryNotFoundError,
     UnknownIdError,
+    as_array,
+    as_id,
     check_info,
-    find_saved,
+    describe,
     is_int,
+    preview,
     read_meta,
-    save_atomically,
 )
 from recipe.retrieval.tensor_file import Stream as _Stream
 from recipe.retrieval.tensor_file import write as write_tensor_file
+from recipe.storage import open_folder, save_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +176,9 @@ class KnowledgeRepository:
         ``ids`` must be N distinct non-negative ints not in the repository; by default the next N
         never-used ids are assigned. Returns the ids. On any error nothing is added.
         """
-        keys_np = _as_array(keys, "keys", (None, self.key_dim), copy=True)  # (N, D) float32
+        keys_np = as_array(keys, "keys", (None, self.key_dim), copy=True)  # (N, D) float32
         n = keys_np.shape[0]
-        prompts_t = torch.from_numpy(_as_array(prompts, "prompts", (n, *self.prompt_shape)))  # (N, l, H) float32
+        prompts_t = torch.from_numpy(as_array(prompts, "prompts", (n, *self.prompt_shape)))  # (N, l, H) float32
         stored = prompts_t.to(self._prompts.dtype)  # (N, l, H), a view when float32
         if self.prompt_dtype != "float32" and not torch.isfinite(stored).all():
             raise RepositoryInputError(f"prompts overflow {self.prompt_dtype}; use prompt_dtype='float32'")
@@ -192,7 +196,7 @@ class KnowledgeRepository:
 
     def remove(self, ids: Iterable[int]) -> None:
         """Remove entries by id. Every id must exist; otherwise UnknownIdError and nothing changes."""
-        wanted = sorted({_as_id(i) for i in ids})
+        wanted = sorted({as_id(i) for i in ids})
         self._check_known(wanted, "remove")
         if not wanted:
             return
@@ -210,7 +214,7 @@ class KnowledgeRepository:
         entries (all of them when the repository is empty) hold id -1 and score -inf; an IVF index
         can also leave slots empty when the lists it scans hold fewer than k entries.
         """
-        q = _as_array(queries, "queries", (None, self.key_dim))  # (B, D) float32
+        q = as_array(queries, "queries", (None, self.key_dim))  # (B, D) float32
         if not is_int(k) or k < 1:
             raise RepositoryInputError(f"k must be a positive int, got {k!r}")
         self._flush()
@@ -225,7 +229,7 @@ class KnowledgeRepository:
 
     def get_prompts(self, ids: Iterable[int]) -> torch.Tensor:
         """The prompts of ``ids``, stacked in the given order: (n, l, H) float32, a copy."""
-        wanted = [_as_id(i) for i in ids]
+        wanted = [as_id(i) for i in ids]
         self._check_known(wanted, "get prompts of")
         if not wanted:
             return torch.empty((0, *self.prompt_shape), dtype=torch.float32)
@@ -236,32 +240,23 @@ class KnowledgeRepository:
         self._flush()
         if ids is None:
             return self._index.keys_in_order(self._ordered_ids())
-        wanted = [_as_id(i) for i in ids]
+        wanted = [as_id(i) for i in ids]
         self._check_known(wanted, "get keys of")
         if not wanted:
             return np.empty((0, self.key_dim), dtype=np.float32)
         return self._index.reconstruct(np.asarray(wanted, dtype=np.int64))  # (n, D)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the repository to ``directory`` crash-safely; returns its absolute path.
+        """Write the repository to ``directory`` atomically (``recipe.storage``); returns its absolute path.
 
         Files: ``tensors.safetensors`` with ids (N,) int64, keys (N, D) float32 and prompts
         (N, l, H) in ``prompt_dtype``, rows in ``ids()`` order, plus for an IVF ivf_centroids
         (nlist, D) float32 and ivf_lists (N,) int64 (the list of each row), streamed in chunks so
-        that saving needs no second copy of the prompts; ``repository.json`` with format,
-        format_version, key_dim, prompt_shape, prompt_dtype, count, next_id, index, nprobe,
-        ivf_trained_at, info, tensor_file and the sha256 of the tensor file. No pickle.
-
-        Protocol, T = ``directory``, O = sibling ``.T.old``, W = fresh sibling ``.T.tmp-<uuid>``:
-        0. repair: O without T means a save died between steps 2 and 3: rename O back to T;
-           O beside T means one died after step 3: delete O. Delete leftover W's;
-        1. write both files into W, fsync them and W (a crash here leaves only garbage in W);
-        2. if T exists, rename T -> O, fsync the parent (O is now the complete old copy);
-        3. rename W -> T, fsync the parent (T is now the complete new copy);
-        4. delete O.
-        At every instant T, or failing that O, holds a complete repository (old or new), and
-        ``load`` reads O when T is missing. A non-empty T without ``repository.json`` is refused.
-        A reader in another process racing steps 2-3 can get a NotFound or Corrupt error: retry.
+        that saving needs no second copy of the prompts; ``repository.json`` with key_dim,
+        prompt_shape, prompt_dtype, count, next_id, index, nprobe, ivf_trained_at and info;
+        ``manifest.json`` with the format, its version and the sha256 of both files. No pickle.
+        A crash at any point leaves the previous repository (or the new one) loadable; another
+        process saving or loading the same directory waits for this save.
         """
         self._flush()
         ids = self._ordered_ids()  # (N,) int64
@@ -276,12 +271,16 @@ class KnowledgeRepository:
         tensors["keys"] = _Stream(torch.float32, (n, self.key_dim), lambda: (
             torch.from_numpy(c) for c in self._index.key_chunks(ids, IO_CHUNK)))
         tensors["prompts"] = _Stream(self._prompts.dtype, (n, l, h), lambda: self._prompts.chunks(IO_CHUNK))
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "key_dim": self.key_dim,
-                "prompt_shape": list(self.prompt_shape), "prompt_dtype": self.prompt_dtype, "count": n,
-                "next_id": self._next_id, "index": self.index_kind, "nprobe": self.nprobe,
-                "ivf_trained_at": self._index.trained_at, "info": self.info, "tensor_file": TENSOR_FILE}
-        target = Path(directory).resolve()
-        _save_atomically(target, tensors, meta)
+        meta = {"key_dim": self.key_dim, "prompt_shape": list(self.prompt_shape), "prompt_dtype": self.prompt_dtype,
+                "count": n, "next_id": self._next_id, "index": self.index_kind, "nprobe": self.nprobe,
+                "ivf_trained_at": self._index.trained_at, "info": self.info}
+
+        def write_into(work: Path) -> dict[str, str]:
+            digest = _write_tensors(work / TENSOR_FILE, tensors)
+            _write_json(work / META_FILE, meta)
+            return {TENSOR_FILE: digest}
+
+        target = save_folder(directory, write_into, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
         logger.info("saved %d repository entries to %s", n, target)
         return target
 
@@ -289,34 +288,36 @@ class KnowledgeRepository:
     def load(cls, directory: str | os.PathLike, expect_info: Mapping[str, Any] | None = None, *,
              use_gpu: bool | None = None, index: IndexKind | None = None,
              nprobe: int | None = None) -> KnowledgeRepository:
-        """Load what ``save`` wrote (format 1 or 2), checking the JSON fields, the checksum, shapes and counts.
+        """Load what ``save`` wrote, verified before anything is read (``recipe.storage``).
 
-        ``index`` and ``nprobe`` default to the saved ones; a saved IVF is restored as it was
-        (centroids and lists), not retrained. Every key of ``expect_info`` must be in the saved info
-        with an equal value, else RepositoryMismatchError naming the key and both values. When
-        ``directory`` is missing but an interrupted save left ``.<name>.old`` beside it, that
-        complete older copy is read, without moving anything (the next ``save`` repairs the
-        layout). A missing repository raises RepositoryNotFoundError, a damaged one
-        RepositoryCorruptError. Entries are read in chunks: loading needs no second copy of them.
+        Checks, in order: the manifest and the sha256 of every file, the JSON fields, shapes and
+        counts, then every value (ids unique and non-negative, next_id above them, keys and
+        prompts finite, IVF lists in range). ``index`` and ``nprobe`` default to the saved ones; a
+        saved IVF is restored as it was (centroids and lists), not retrained. Every key of
+        ``expect_info`` must be in the saved info with an equal value, else RepositoryMismatchError
+        naming the key and both values. A missing repository raises RepositoryNotFoundError, a
+        damaged one RepositoryCorruptError naming the file. Entries are read in chunks: loading
+        needs no second copy of them.
         """
-        source = find_saved(Path(directory).resolve())
-        meta = read_meta(source)
-        if expect_info is not None:
-            check_info(meta["info"], expect_info, source)
-        repo = cls(meta["key_dim"], meta["prompt_shape"], info=meta["info"], use_gpu=use_gpu,
-                   prompt_dtype=meta["prompt_dtype"], index=index or meta.get("index", DEFAULT_INDEX),
-                   nprobe=nprobe or meta.get("nprobe", DEFAULT_NPROBE))
-        with CheckedTensorFile(source / TENSOR_FILE, meta) as tensors:
-            repo._fill(tensors, meta.get("ivf_trained_at", 0))
-        repo._next_id = max(repo._next_id, meta["next_id"])
-        logger.info("loaded %d repository entries from %s", len(repo), source)
+        with open_folder(directory, format_name=FORMAT_NAME, versions=(FORMAT_VERSION,), errors=ERRORS) as folder:
+            meta = read_meta(folder)
+            if expect_info is not None:
+                check_info(meta["info"], expect_info, folder.path)
+            repo = cls(meta["key_dim"], meta["prompt_shape"], info=meta["info"], use_gpu=use_gpu,
+                       prompt_dtype=meta["prompt_dtype"], index=index or meta["index"], nprobe=nprobe or meta["nprobe"])
+            with CheckedTensorFile(folder.file(TENSOR_FILE), meta) as tensors:
+                repo._fill(tensors, meta["ivf_trained_at"], meta["next_id"])
+        logger.info("loaded %d repository entries from %s", len(repo), folder.path)
         return repo
 
-    def _fill(self, tensors: CheckedTensorFile, trained_at: int) -> None:
+    def _fill(self, tensors: CheckedTensorFile, trained_at: int, next_id: int) -> None:
         """Load every entry of a checked tensor file into this empty repository, chunk by chunk."""
         ids = tensors.read("ids").numpy()  # (N,) int64
         if len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
             raise RepositoryCorruptError(f"{tensors.path}: ids are negative or repeated")
+        if len(ids) and next_id <= ids.max():
+            raise RepositoryCorruptError(f"{tensors.path.parent / META_FILE}: next_id {next_id} is not above the "
+                                         f"largest saved id {int(ids.max())}: later adds would reuse ids")
         lists = None
         if trained_at and self._index.ivf_min_keys is not None:  # restore the saved IVF rather than retrain
             self._index.restore_ivf(tensors.read("ivf_centroids").numpy(), trained_at)
@@ -335,7 +336,7 @@ class KnowledgeRepository:
             except (ValueError, RuntimeError) as exc:
                 raise RepositoryCorruptError(f"{tensors.path}: invalid IVF lists: {exc}") from exc
             self._prompts.add(chunk.tolist(), prompts)
-        self._next_id = int(ids.max()) + 1 if len(ids) else 0
+        self._next_id = int(next_id)
         self._rebalance()
 
     def _ordered_ids(self) -> np.ndarray:
@@ -350,21 +351,21 @@ class KnowledgeRepository:
     def _new_ids(self, ids: Sequence[int] | None, n: int) -> list[int]:
         if ids is None:
             return list(range(self._next_id, self._next_id + n))
-        new_ids = [_as_id(i) for i in ids]
+        new_ids = [as_id(i) for i in ids]
         if len(new_ids) != n:
             raise RepositoryInputError(f"got {len(new_ids)} ids for {n} keys")
         repeated = sorted(i for i, count in Counter(new_ids).items() if count > 1)
         if repeated:
-            raise DuplicateIdError(f"ids repeated within one add: {_preview(repeated)}")
+            raise DuplicateIdError(f"ids repeated within one add: {preview(repeated)}")
         existing = sorted(i for i in new_ids if i in self._prompts)
         if existing:
-            raise DuplicateIdError(f"ids already in the repository: {_preview(existing)}")
+            raise DuplicateIdError(f"ids already in the repository: {preview(existing)}")
         return new_ids
 
     def _check_known(self, ids: Sequence[int], action: str) -> None:
         unknown = sorted({i for i in ids if i not in self._prompts})
         if unknown:
-            raise UnknownIdError(f"cannot {action} ids not in the repository: {_preview(unknown)}; nothing changed")
+            raise UnknownIdError(f"cannot {action} ids not in the repository: {preview(unknown)}; nothing changed")
 
     def _flush(self) -> None:
         """Move the buffered keys into FAISS in one batch, then retrain the index if its size calls for it."""
@@ -376,58 +377,10 @@ class KnowledgeRepository:
         self._rebalance()
 
 
-def _as_id(value: object) -> int:
-    try:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        edit_id = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise RepositoryInputError(f"an id must be an int, got {_describe(value)}") from None
-    if not 0 <= edit_id < 2**63 - 1:
-        raise RepositoryInputError(f"ids must be non-negative int64 (-1 marks an empty search slot), got {edit_id}")
-    return edit_id
-
-
-def _as_array(x: Any, what: str, shape: tuple[int | None, ...], *, copy: bool = False) -> np.ndarray:
-    """A finite float32 C-contiguous numpy array of ``shape`` (None: any size) from float numpy or torch."""
-    if isinstance(x, torch.Tensor) and torch.is_floating_point(x):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
-        raise RepositoryInputError(f"{what} must be a float numpy array or torch.Tensor, got {_describe(x)}")
-    if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
-        wanted = tuple("N" if want is None else want for want in shape)
-        raise RepositoryInputError(f"{what} must have shape {wanted}, got {tuple(x.shape)}".replace("'", ""))
-    x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
-    if not np.isfinite(x).all():
-        raise RepositoryInputError(f"{what} contain NaN or inf")
-    return x
-
-
-def _describe(x: object) -> str:
-    return type(x).__name__ + (f" of dtype {x.dtype}" if hasattr(x, "dtype") else "")
-
-
-def _preview(ids: Sequence[int], limit: int = 10) -> str:
-    return f"[{', '.join(map(str, ids[:limit]))}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor | _Stream]) -> str:
     """Write the safetensors file (streamed, fsynced), return its sha256."""
     return write_tensor_file(path, tensors, {"format": FORMAT_NAME})
 
 
-def _save_atomically(target: Path, tensors: dict[str, torch.Tensor | _Stream], meta: dict) -> None:
-    """The save protocol, writing the files with ``_write_tensors`` and ``_write_json``."""
-    def write_into(work: Path) -> None:
-        _write_json(work / META_FILE, {**meta, "sha256": _write_tensors(work / TENSOR_FILE, tensors)})
-
-    save_atomically(target, write_into)
-
-
 def _write_json(path: Path, meta: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
+    write_json(path, meta)

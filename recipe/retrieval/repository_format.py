@@ -1,16 +1,12 @@
-"""The on-disk format of a KnowledgeRepository: constants, errors, the crash-safe save protocol, and
-the checks that ``load`` applies to ``repository.json`` and ``tensors.safetensors`` (see
-``KnowledgeRepository.save`` for the files and the protocol)."""
+"""The on-disk format of a KnowledgeRepository and the checks on what enters it: constants, errors,
+the checks that ``load`` applies to ``repository.json`` and ``tensors.safetensors`` once
+``recipe.storage`` has verified their checksums (see ``KnowledgeRepository.save`` for the files), and
+the checks on ids and arrays given to ``add``, ``search`` and ``remove``."""
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
-import logging
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +16,10 @@ import torch
 from recipe.errors import RecipeError
 from recipe.retrieval.key_index import INDEX_KINDS
 from recipe.retrieval.tensor_file import TensorFile, TensorFileError
-
-logger = logging.getLogger("recipe.retrieval.repository")
+from recipe.storage import Errors, FolderCorruptError, FolderNotFoundError, VerifiedFolder, read_json
 
 FORMAT_NAME = "recipe.knowledge_repository"
-FORMAT_VERSION = 2  # 2 adds index, nprobe, ivf_trained_at and, for an IVF, its centroids and lists
+FORMAT_VERSION = 3  # 3: every file covered by manifest.json (1 and 2, without it, are refused)
 META_FILE = "repository.json"
 TENSOR_FILE = "tensors.safetensors"
 PROMPT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,12 +41,15 @@ class UnknownIdError(RepositoryInputError, LookupError):
     """An id given to ``remove``, ``get_prompts`` or ``keys`` is not in the repository."""
 
 
-class RepositoryNotFoundError(RepositoryError, FileNotFoundError):
+class RepositoryNotFoundError(RepositoryError, FolderNotFoundError):
     """No saved repository (nor the leftover of an interrupted save) at the given directory."""
 
 
-class RepositoryCorruptError(RepositoryError):
-    """A saved repository is unreadable: bad or missing JSON, checksum mismatch, wrong shapes."""
+class RepositoryCorruptError(RepositoryError, FolderCorruptError):
+    """A saved repository is unreadable: bad or missing JSON, checksum mismatch, wrong shapes or values."""
+
+
+ERRORS = Errors(not_found=RepositoryNotFoundError, corrupt=RepositoryCorruptError)
 
 
 class RepositoryMismatchError(RepositoryError):
@@ -62,108 +60,25 @@ def is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def old_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.old")
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # elsewhere a directory cannot be opened for fsync
-        fsync_file(path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def prepare_target(target: Path, marker: str = META_FILE) -> None:
-    """Step 0 of the save protocol: repair what an interrupted save left; refuse foreign dirs (non-empty
-    directories without ``marker``, the file every save writes)."""
-    old = old_path(target)
-    if old.exists() and target.exists():
-        shutil.rmtree(old)
-    elif old.exists():
-        logger.warning("an interrupted save left %s; restoring it to %s", old, target)
-        os.rename(old, target)
-        fsync_dir(target.parent)
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if target.exists() and not target.is_dir():
-        raise RepositoryError(f"cannot save to {target}: it exists and is not a directory")
-    if target.is_dir() and not (target / marker).exists() and any(target.iterdir()):
-        raise RepositoryError(f"refusing to replace {target}: a non-empty directory without {marker}")
-
-
-def save_atomically(target: Path, write_into: Callable[[Path], None], marker: str = META_FILE) -> None:
-    """Steps 0-4 of the protocol in ``KnowledgeRepository.save``; ``write_into(work)`` writes and fsyncs the files."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prepare_target(target, marker)
-    work = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    work.mkdir()
-    try:
-        write_into(work)
-        fsync_dir(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    old = old_path(target)
-    if target.exists():
-        os.rename(target, old)
-        fsync_dir(target.parent)
-    os.rename(work, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_saved(target: Path) -> Path:
-    if target.is_dir():
-        return target
-    if old_path(target).is_dir():
-        logger.warning("%s is missing but an interrupted save left %s; loading that", target, old_path(target))
-        return old_path(target)
-    raise RepositoryNotFoundError(f"no knowledge repository at {target}")
-
-
-def read_meta(source: Path) -> dict:
-    path = source / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RepositoryCorruptError(f"{source} has no {META_FILE}: not a saved repository") from None
-    except (OSError, ValueError) as exc:
-        raise RepositoryCorruptError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise RepositoryCorruptError(f"{path}: 'format' is not {FORMAT_NAME!r}")
+def read_meta(folder: VerifiedFolder) -> dict:
+    """``repository.json`` of a verified folder, every field type- and range-checked."""
+    path = folder.file(META_FILE)
+    meta = read_json(folder, META_FILE)
     shape = meta.get("prompt_shape")
     checks = {
-        "format_version": is_int(meta.get("format_version")) and 1 <= meta["format_version"] <= FORMAT_VERSION,
         "key_dim": is_int(meta.get("key_dim")) and meta["key_dim"] > 0,
         "count": is_int(meta.get("count")) and meta["count"] >= 0,
         "next_id": is_int(meta.get("next_id")) and meta["next_id"] >= 0,
         "prompt_shape": isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and s > 0 for s in shape),
         "prompt_dtype": meta.get("prompt_dtype") in PROMPT_DTYPES,
         "info": isinstance(meta.get("info"), dict),
-        "tensor_file": meta.get("tensor_file") == TENSOR_FILE,
-        "sha256": isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64,
-        "index": meta.get("index", "flat") in INDEX_KINDS,  # the format 2 fields; format 1 was flat only
-        "nprobe": is_int(meta.get("nprobe", 1)) and meta.get("nprobe", 1) > 0,
-        "ivf_trained_at": is_int(meta.get("ivf_trained_at", 0)) and meta.get("ivf_trained_at", 0) >= 0,
+        "index": meta.get("index") in INDEX_KINDS,
+        "nprobe": is_int(meta.get("nprobe")) and meta["nprobe"] > 0,
+        "ivf_trained_at": is_int(meta.get("ivf_trained_at")) and meta["ivf_trained_at"] >= 0,
     }
     bad = [name for name, ok in checks.items() if not ok]
-    if bad:  # format_version above FORMAT_VERSION: written by a newer recipe
-        raise RepositoryCorruptError(
-            f"{path}: invalid fields {bad} (values {[meta.get(b) for b in bad]}; format {FORMAT_VERSION} expected)")
+    if bad:
+        raise RepositoryCorruptError(f"{path}: invalid fields {bad} (values {[meta.get(b) for b in bad]})")
     return meta
 
 
@@ -178,18 +93,12 @@ def check_info(saved: dict, expect_info: Mapping[str, Any], source: Path) -> Non
 
 
 class CheckedTensorFile(TensorFile):
-    """The checked tensor file of a saved repository: sha256 as recorded, tensors as ``meta`` says."""
+    """The tensor file of a verified repository folder, holding the tensors ``meta`` describes."""
 
     def __init__(self, path: Path, meta: dict) -> None:
-        if not path.is_file():
-            raise RepositoryCorruptError(f"{path} is missing")
-        digest = sha256_file(path)
-        if digest != meta["sha256"]:
-            raise RepositoryCorruptError(f"{path}: sha256 {digest[:16]}... differs from {meta['sha256'][:16]}... "
-                                         f"recorded in {META_FILE}: the file was truncated or changed after saving")
         try:
             super().__init__(path)
-        except TensorFileError as exc:
+        except (OSError, TensorFileError) as exc:
             raise RepositoryCorruptError(str(exc)) from exc
         try:
             self._check(meta)
@@ -217,3 +126,38 @@ class CheckedTensorFile(TensorFile):
             return super().read(name, start, stop)
         except TensorFileError as exc:
             raise RepositoryCorruptError(str(exc)) from exc
+
+
+def as_id(value: object) -> int:
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        edit_id = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise RepositoryInputError(f"an id must be an int, got {describe(value)}") from None
+    if not 0 <= edit_id < 2**63 - 1:
+        raise RepositoryInputError(f"ids must be non-negative int64 (-1 marks an empty search slot), got {edit_id}")
+    return edit_id
+
+
+def as_array(x: Any, what: str, shape: tuple[int | None, ...], *, copy: bool = False) -> np.ndarray:
+    """A finite float32 C-contiguous numpy array of ``shape`` (None: any size) from float numpy or torch."""
+    if isinstance(x, torch.Tensor) and torch.is_floating_point(x):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+        raise RepositoryInputError(f"{what} must be a float numpy array or torch.Tensor, got {describe(x)}")
+    if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        wanted = tuple("N" if want is None else want for want in shape)
+        raise RepositoryInputError(f"{what} must have shape {wanted}, got {tuple(x.shape)}".replace("'", ""))
+    x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
+    if not np.isfinite(x).all():
+        raise RepositoryInputError(f"{what} contain NaN or inf")
+    return x
+
+
+def describe(x: object) -> str:
+    return type(x).__name__ + (f" of dtype {x.dtype}" if hasattr(x, "dtype") else "")
+
+
+def preview(ids: Sequence[int], limit: int = 10) -> str:
+    return f"[{', '.join(map(str, ids[:limit]))}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
