@@ -71,6 +71,7 @@ class Errors:
 
     not_found: type[Exception] = FolderNotFoundError
     corrupt: type[Exception] = FolderCorruptError
+    what: str = "folder"  # in messages: "no saved <what> at <path>"
 
 
 @dataclass(frozen=True)
@@ -298,4 +299,4 @@ def _find_saved(target: Path, errors: Errors) -> Path:
     if _old_path(target).is_dir():
         logger.warning("%s is missing but an interrupted save left %s; loading that", target, _old_path(target))
         return _old_path(target)
-    raise errors.not_found(f"nothing saved at {target}")
+    raise errors.not_found(f"no saved {errors.what} at {target}")

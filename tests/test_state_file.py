@@ -2,12 +2,14 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.editors import state_file
 from recipe.editors.state_file import EditorStateError, load_state, save_state
+from recipe.storage import reseal
 
 
 def _nested():
@@ -67,7 +69,7 @@ def test_a_save_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch):
         save_state({"v": torch.ones(3)}, tmp_path / "s", meta={"applied": 2})
     state, meta = load_state(tmp_path / "s")
     assert meta == {"applied": 1} and torch.equal(state["v"], torch.zeros(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the half-written work folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]  # the half-written work folder is gone
 
 
 def test_clear_errors_for_missing_corrupt_and_foreign(tmp_path):
@@ -75,7 +77,7 @@ def test_clear_errors_for_missing_corrupt_and_foreign(tmp_path):
         load_state(tmp_path / "nothing")
     save_state({"v": torch.zeros(3)}, tmp_path / "s")
     (tmp_path / "s" / "tensors.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(EditorStateError, match="corrupt"):
+    with pytest.raises(EditorStateError, match="tensors.safetensors: sha256"):
         load_state(tmp_path / "s")
     (tmp_path / "s" / "tensors.safetensors").unlink()
     with pytest.raises(EditorStateError, match="tensors.safetensors is missing"):
@@ -90,3 +92,32 @@ def test_clear_errors_for_missing_corrupt_and_foreign(tmp_path):
     with pytest.raises(Exception, match="refusing to replace"):
         save_state({"v": torch.zeros(1)}, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["state.json", "tensors.safetensors", "manifest.json"])
+def test_a_flipped_byte_in_any_file_is_an_error_naming_it(tmp_path, name):
+    save_state(_nested(), tmp_path / "s", meta={"applied": 3})
+    path = tmp_path / "s" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(EditorStateError, match=name.replace(".", r"\.")):
+        load_state(tmp_path / "s")
+
+
+def test_a_nan_tensor_is_refused_even_with_a_matching_manifest(tmp_path):
+    save_state({"params": {"w": torch.ones(2, 2)}}, tmp_path / "s")
+    safetensors.torch.save_file({"t0": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])},
+                                str(tmp_path / "s" / "tensors.safetensors"))
+    reseal(tmp_path / "s")
+    with pytest.raises(EditorStateError, match=r"state\.params\.w.*NaN"):
+        load_state(tmp_path / "s")
+
+
+def test_an_older_state_without_manifest_is_refused(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text(json.dumps({"format": "recipe.editor_state", "version": 1,
+                                                           "meta": {}, "state": {"v": 1}}))
+    safetensors.torch.save_file({}, str(tmp_path / "s" / "tensors.safetensors"))
+    with pytest.raises(EditorStateError, match="no manifest.json"):
+        load_state(tmp_path / "s")

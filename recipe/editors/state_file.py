@@ -2,10 +2,12 @@
 
 ``Editor.state_dict()`` returns nested dicts and lists of tensors, strings, numbers, booleans and
 None. :func:`save_state` replaces every tensor by ``{"__tensor__": "t<i>"}`` in the JSON and stores
-it under that name in the safetensors file; :func:`load_state` reverses it. A save writes a new
-directory and renames it into place (the repository's protocol), so a crash mid-write leaves the
-previous state loadable. ``meta`` holds what the caller needs to check a state belongs to its run
-(dataset, seed, how many cases were applied).
+it under that name in the safetensors file; :func:`load_state` reverses it. Both go through
+``recipe.storage``: a save is atomic and locked (a crash mid-write leaves the previous state
+loadable), and a load verifies the sha256 of both files, then refuses tensors holding NaN or inf,
+before returning anything. ``meta`` holds what the caller needs to check a state belongs to its
+run (dataset, seed, how many cases were applied). Whether the values fit an editor is the
+editor's ``load_state_dict``'s check.
 """
 from __future__ import annotations
 
@@ -16,18 +18,20 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from recipe.errors import RecipeError
-from recipe.retrieval.repository_format import find_saved, fsync_file, save_atomically
+from recipe.storage import Errors, FolderCorruptError, open_folder, read_json, save_folder, write_json
 
 STATE_FILE = "state.json"
 TENSOR_FILE = "tensors.safetensors"
 FORMAT_NAME = "recipe.editor_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files covered by manifest.json
 _TENSOR = "__tensor__"
 
 
-class EditorStateError(RecipeError):
-    """A saved editor state is missing, half-written, of another format, or holds unsupported values."""
+class EditorStateError(FolderCorruptError, FileNotFoundError):
+    """A saved editor state is missing, damaged, of another format, or holds unsupported values."""
+
+
+_ERRORS = Errors(not_found=EditorStateError, corrupt=EditorStateError, what="editor state")
 
 
 def _flatten(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
@@ -48,55 +52,46 @@ def _flatten(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     raise EditorStateError(f"{where}: cannot save a {type(value).__name__} in an editor state")
 
 
-def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(value, dict):
         if set(value) == {_TENSOR}:
             try:
-                return tensors[value[_TENSOR]]
-            except KeyError:
-                raise EditorStateError(f"tensor {value[_TENSOR]!r} is missing from {TENSOR_FILE}") from None
-        return {k: _unflatten(v, tensors) for k, v in value.items()}
+                tensor = tensors[value[_TENSOR]]
+            except (KeyError, TypeError):
+                raise EditorStateError(f"{where}: tensor {value[_TENSOR]!r} is missing from {TENSOR_FILE}") from None
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise EditorStateError(f"{where}: the saved tensor holds NaN or inf")
+            return tensor
+        return {k: _unflatten(v, tensors, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_unflatten(v, tensors) for v in value]
+        return [_unflatten(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
 def save_state(state: dict, directory: str | Path, meta: dict | None = None) -> Path:
     """Write ``state`` (an ``Editor.state_dict()``) and ``meta`` (JSON values) to ``directory``, atomically."""
     tensors: dict[str, torch.Tensor] = {}
-    body = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta or {},
-            "state": _flatten(state, tensors, "state")}
-    json.dumps(body["meta"])  # fail before writing anything if meta is not JSON
+    body = {"meta": meta or {}, "state": _flatten(state, tensors, "state")}
+    try:  # fail before writing anything if meta is not JSON
+        json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise EditorStateError(f"cannot save this state or meta as JSON: {exc}") from None
 
     def write_into(work: Path) -> None:
         safetensors.torch.save_file(tensors, str(work / TENSOR_FILE))
-        (work / STATE_FILE).write_text(json.dumps(body))
-        for name in (TENSOR_FILE, STATE_FILE):
-            fsync_file(work / name)
+        write_json(work / STATE_FILE, body)
 
-    target = Path(directory)
-    save_atomically(target, write_into, marker=STATE_FILE)
-    return target
+    return save_folder(directory, write_into, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
 
 
 def load_state(directory: str | Path) -> tuple[dict, dict]:
-    """``(state, meta)`` saved by :func:`save_state`; clear errors for a missing or broken directory."""
-    target = Path(directory)
-    try:
-        source = find_saved(target)
-    except RecipeError:
-        raise EditorStateError(f"no saved editor state at {target}") from None
-    for name in (STATE_FILE, TENSOR_FILE):
-        if not (source / name).is_file():
-            raise EditorStateError(f"{source} is not a complete editor state: {name} is missing")
-    try:
-        body = json.loads((source / STATE_FILE).read_text())
-        tensors = safetensors.torch.load_file(str(source / TENSOR_FILE))
-    except (ValueError, OSError, safetensors.SafetensorError) as e:
-        raise EditorStateError(f"{source} holds a corrupt editor state: {e}") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-        raise EditorStateError(f"{source / STATE_FILE} is not a {FORMAT_NAME} file")
-    if body.get("version") != FORMAT_VERSION:
-        raise EditorStateError(f"{source} has editor-state version {body.get('version')}; this code reads "
-                               f"{FORMAT_VERSION}")
-    return _unflatten(body["state"], tensors), body.get("meta", {})
+    """``(state, meta)`` saved by :func:`save_state`, verified; EditorStateError naming what is wrong."""
+    with open_folder(directory, format_name=FORMAT_NAME, versions=(FORMAT_VERSION,), errors=_ERRORS) as folder:
+        body = read_json(folder, STATE_FILE)
+        try:
+            tensors = safetensors.torch.load_file(str(folder.file(TENSOR_FILE)))
+        except (ValueError, OSError, safetensors.SafetensorError) as e:
+            raise EditorStateError(f"{folder.path / TENSOR_FILE} is not a readable tensor file: {e}") from None
+    if not isinstance(body.get("meta"), dict) or "state" not in body:
+        raise EditorStateError(f"{folder.path / STATE_FILE} lacks 'meta' or 'state'")
+    return _unflatten(body["state"], tensors, "state"), body["meta"]

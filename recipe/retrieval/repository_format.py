@@ -49,7 +49,7 @@ class RepositoryCorruptError(RepositoryError, FolderCorruptError):
     """A saved repository is unreadable: bad or missing JSON, checksum mismatch, wrong shapes or values."""
 
 
-ERRORS = Errors(not_found=RepositoryNotFoundError, corrupt=RepositoryCorruptError)
+ERRORS = Errors(not_found=RepositoryNotFoundError, corrupt=RepositoryCorruptError, what="knowledge repository")
 
 
 class RepositoryMismatchError(RepositoryError):
