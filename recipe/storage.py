@@ -71,7 +71,7 @@ class Errors:
 
     not_found: type[Exception] = FolderNotFoundError
     corrupt: type[Exception] = FolderCorruptError
-    what: str = "folder"  # in messages: "no saved <what> at <path>"
+    what: str = "saved folder"  # in messages: "no <what> at <path>", "<path> is not a <what>"
 
 
 @dataclass(frozen=True)
@@ -220,13 +220,13 @@ def _verify(source: Path, format_name: str, versions: Collection[int], errors: E
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise errors.corrupt(f"{source} has no {MANIFEST_FILE}: not a folder saved by recipe (or saved by a "
-                             f"version without checksums; save it again)") from None
+        raise errors.corrupt(f"{source} is not a {errors.what}: {MANIFEST_FILE} is missing (or it was saved "
+                             f"by a version without checksums: save it again)") from None
     except (OSError, ValueError) as exc:
         raise errors.corrupt(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise errors.corrupt(f"{source} holds {found!r}, expected {format_name!r}")
+        raise errors.corrupt(f"{source} is not a {errors.what}: it holds {found!r}, expected {format_name!r}")
     version, files = manifest.get("format_version"), manifest.get("files")
     if version not in versions or isinstance(version, bool):
         raise errors.corrupt(f"{source}: {format_name} version {version!r}; this recipe reads {sorted(versions)}")
@@ -299,4 +299,4 @@ def _find_saved(target: Path, errors: Errors) -> Path:
     if _old_path(target).is_dir():
         logger.warning("%s is missing but an interrupted save left %s; loading that", target, _old_path(target))
         return _old_path(target)
-    raise errors.not_found(f"no saved {errors.what} at {target}")
+    raise errors.not_found(f"no {errors.what} at {target}")

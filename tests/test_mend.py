@@ -10,6 +10,8 @@ from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.editors.mend import MENDConfig, MENDEditor, gradient_factors, per_row_edits
 from recipe.errors import ConfigError, IncompatibleError, RecipeError
+from recipe.artifacts import lm_fingerprint
+from recipe.storage import reseal
 from recipe.testing import tiny_lm
 from recipe.types import EditRequest
 from train.mend import MENDTrainConfig, train
@@ -141,7 +143,8 @@ def test_fast_dev_run_trains_every_term_and_exports_a_loadable_artifact(tmp_path
         assert torch.isfinite(torch.tensor(result.metrics[f"train/loss/{name}"]))
         assert f"val/loss/{name}" in result.metrics
     meta = json.loads((result.artifact / "mend.json").read_text())
-    assert meta["layers"] == LAYERS and meta["lm"] == {"name": "tiny-llama", "hidden_size": 64}
+    assert meta["layers"] == LAYERS and meta["lm"] == {"name": "tiny-llama", "hidden_size": 64, "vocab_size": len(lm.tokenizer),
+                                                       "fingerprint": lm_fingerprint(lm)}
     editor = load_editor("mend", lm, checkpoint=str(result.artifact))
     assert editor.networks.u_norms[0].count.item() > 0  # statistics were collected and saved
     assert any(p.abs().max() > 0 for n, p in editor.networks.named_parameters() if n.endswith(".up"))  # g moved
@@ -168,10 +171,13 @@ def test_checkpoint_for_another_lm_or_changed_file_is_refused(tmp_path):
         load_editor("mend", lm, checkpoint=str(art), layers=[1, 2])
     meta = json.loads((art / "mend.json").read_text())
     (art / "mend.json").write_text(json.dumps({**meta, "shapes": [[1, 1], [1, 1]]}))
+    with pytest.raises(IncompatibleError, match="mend.json: sha256"):  # the manifest covers the JSON
+        load_editor("mend", lm, checkpoint=str(art))
+    reseal(art)  # as if the change were made on purpose: the value check still refuses it
     with pytest.raises(IncompatibleError, match="shapes"):
         load_editor("mend", lm, checkpoint=str(art))
-    (art / "mend.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
-    with pytest.raises(RecipeError, match="checksum"):
+    (art / "weights.safetensors").write_bytes(b"\0" + (art / "weights.safetensors").read_bytes()[1:])
+    with pytest.raises(RecipeError, match="weights.safetensors: sha256"):
         load_editor("mend", lm, checkpoint=str(art))
     with pytest.raises(RecipeError, match="no MEND checkpoint"):
         load_editor("mend", lm, checkpoint=str(tmp_path / "missing"))

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from recipe.editors import load_editor
-from recipe.editors.recipe import RecipeEditor, save_artifact
+from recipe.artifacts import save_recipe_artifact as save_artifact
+from recipe.editors.recipe import RecipeEditor
+from recipe.storage import reseal
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import Prefix
 from recipe.retrieval.encoders import KnowledgeEncoder, RecipeArchitecture, load_body
@@ -160,6 +162,7 @@ def test_separator_comes_from_the_checkpoint_unless_configured(tiny, tmp_path):
     meta = json.loads((tmp_path / "new" / "recipe.json").read_text())
     del meta["statement_separator"]  # artefacts written before the separator existed were trained without one
     (tmp_path / "new" / "recipe.json").write_text(json.dumps(meta))
+    reseal(tmp_path / "new")
     old = make(tiny, checkpoint=str(tmp_path / "new"), **ACCEPT_ALL)
     assert old.separator == ""
     old.edit(REQUESTS[:1])

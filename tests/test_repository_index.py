@@ -166,7 +166,7 @@ def test_a_repository_without_manifest_is_refused_clearly(tmp_path):
             "prompt_dtype": "float32", "count": 20, "next_id": 25, "info": {}, "tensor_file": TENSOR_FILE,
             "sha256": sha256_file(tmp_path / "old" / TENSOR_FILE)}
     (tmp_path / "old" / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(RepositoryCorruptError, match="no manifest.json"):  # its JSON is covered by no checksum
+    with pytest.raises(RepositoryCorruptError, match="manifest.json is missing"):  # its JSON is covered by no checksum
         KnowledgeRepository.load(tmp_path / "old")
 
 

@@ -119,5 +119,5 @@ def test_an_older_state_without_manifest_is_refused(tmp_path):
     (tmp_path / "s" / "state.json").write_text(json.dumps({"format": "recipe.editor_state", "version": 1,
                                                            "meta": {}, "state": {"v": 1}}))
     safetensors.torch.save_file({}, str(tmp_path / "s" / "tensors.safetensors"))
-    with pytest.raises(EditorStateError, match="no manifest.json"):
+    with pytest.raises(EditorStateError, match="manifest.json is missing"):
         load_state(tmp_path / "s")

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from recipe.config import configs_dir, load_config
 from recipe.data import load_dataset
 from recipe.editors import load_editor
-from recipe.editors.recipe import ARTIFACT_WEIGHTS, RecipeConfig
+from recipe.artifacts import RECIPE
+from recipe.editors.recipe import RecipeConfig
 from recipe.testing import tiny_lm
 from recipe.errors import ConfigError
 from train.data import RecipeDataModule, examples_from_cases
@@ -51,7 +52,7 @@ def test_fast_dev_run_logs_every_loss_and_exports_a_loadable_artifact(tmp_path):
     for name in ["train/retrieval/top1", "train/sentinel/reject_locality", "train/sentinel/accept_paraphrase"]:
         assert 0.0 <= result.metrics[name] <= 1.0
 
-    exported = load_file(str(result.artifact / ARTIFACT_WEIGHTS))
+    exported = load_file(str(result.artifact / RECIPE.weights_file))
     assert all(v.dtype == torch.float16 for v in exported.values())
     editor = load_editor("recipe", lm, checkpoint=str(result.artifact), sentinel_mode="fixed", threshold=-1.0e9)
     loaded = editor.networks.state_dict()
@@ -95,10 +96,10 @@ def test_fine_tuning_starts_from_an_exported_artifact(tmp_path):
     lm = tiny_lm()
     first = train(tiny_config(tmp_path / "a", statement_separator=" | "), lm=lm, cases=load_dataset("demo"),
                   fast_dev_run=True, progress=False)
-    start = load_file(str(first.artifact / ARTIFACT_WEIGHTS))
+    start = load_file(str(first.artifact / RECIPE.weights_file))
     cfg = tiny_config(tmp_path / "b", init_from=str(first.artifact), lr=0.0, body_lr=0.0, sentinel_lr=0.0)
     second = train(cfg, lm=lm, cases=load_dataset("demo"), fast_dev_run=True, progress=False)
-    again = load_file(str(second.artifact / ARTIFACT_WEIGHTS))
+    again = load_file(str(second.artifact / RECIPE.weights_file))
     assert set(again) == set(start) and all(torch.equal(again[k], start[k]) for k in start)  # lr 0: unchanged
     meta = (first.artifact / "recipe.json").read_text()
     assert '"statement_separator": " | "' in meta

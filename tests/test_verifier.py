@@ -9,7 +9,8 @@ import torch
 from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.errors import IncompatibleError, RecipeError
-from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture, load_verifier, save_verifier
+from recipe.artifacts import load_verifier, save_verifier
+from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture
 from recipe.types import EditRequest
 from train.verifier import VerifierTrainConfig, case_pairs, split_pairs, train
 

@@ -31,8 +31,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from recipe.editors.mend import (MENDArchitecture, MENDNetworks, edited_shapes, gradient_factors, load_artifact,
-                                 per_row_edits, resolve_layers, save_artifact)
+from recipe.artifacts import load_mend_artifact, save_mend_artifact
+from recipe.editors.mend import (MENDArchitecture, MENDNetworks, edited_shapes, gradient_factors, per_row_edits,
+                                 resolve_layers)
 from recipe.errors import ConfigError
 from recipe.lm import EditedLM
 from recipe.types import EditCase
@@ -179,7 +180,7 @@ def build_networks(cfg: MENDTrainConfig, lm: EditedLM) -> MENDNetworks:
     if cfg.init_from is None:
         layers = resolve_layers(lm, cfg.layers)
         return MENDNetworks(layers, edited_shapes(lm, layers), cfg.architecture, cfg.seed).to(lm.device)
-    networks, meta = load_artifact(cfg.init_from, lm)
+    networks, meta = load_mend_artifact(cfg.init_from, lm)
     if cfg.layers and resolve_layers(lm, cfg.layers) != networks.layers:
         raise ConfigError(f"init_from {cfg.init_from} edits layers {networks.layers}; the config asks for {cfg.layers}")
     log.info("starting from %s (%s steps)", cfg.init_from, meta.get("training", {}).get("steps", "?"))
@@ -199,8 +200,8 @@ def train(cfg: MENDTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[E
     trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
                   fit_kwargs={"datamodule": data}, inference_mode=False)  # validation takes the raw gradient (pass 1)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    artifact = save_artifact(networks, lm, cfg.out, extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
-                                                           "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    artifact = save_mend_artifact(networks, lm, cfg.out, extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
+                                                                "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return TrainResult(artifact, trainer.global_step, metrics)
 
 

@@ -25,7 +25,8 @@ from typing import Callable, Literal, Sequence
 
 from recipe.config import load_config
 from recipe.errors import ConfigError, RecipeError
-from recipe.editors.recipe import DEFAULT_SEPARATOR, PrefixMode, RecipeNetworks, load_artifact, save_artifact
+from recipe.artifacts import DEFAULT_SEPARATOR, load_recipe_artifact, save_recipe_artifact
+from recipe.editors.recipe import PrefixMode, RecipeNetworks
 from recipe.lm import EditedLM
 from recipe.retrieval.encoders import RecipeArchitecture
 from recipe.retrieval.sentinel import SentinelMode
@@ -182,7 +183,7 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
         networks = RecipeNetworks.build(lm, cfg.architecture, sentinel_mode=cfg.sentinel_mode,
                                         threshold=cfg.threshold, seed=cfg.seed)
     else:  # fine-tune an exported artefact: its architecture wins over cfg.architecture
-        networks, meta = load_artifact(cfg.init_from, lm, sentinel_mode=cfg.sentinel_mode, threshold=cfg.threshold)
+        networks, meta = load_recipe_artifact(cfg.init_from, lm, sentinel_mode=cfg.sentinel_mode, threshold=cfg.threshold)
         if meta["prefix_mode"] != cfg.prefix_mode:
             raise ConfigError(f"init_from {cfg.init_from} was trained with prefix_mode {meta['prefix_mode']!r}, "
                               f"the config asks for {cfg.prefix_mode!r}")
@@ -195,9 +196,9 @@ def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditC
     trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
                   fit_kwargs={"datamodule": data})
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    artifact = save_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
-                             extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
-                                    "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    artifact = save_recipe_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
+                                    extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
+                                           "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return TrainResult(artifact, trainer.global_step, metrics)
 
 

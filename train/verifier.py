@@ -24,7 +24,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture, load_verifier, save_verifier
+from recipe.artifacts import load_verifier, save_verifier
+from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture
 from recipe.types import EditCase
 from train.data import TRAIN_DATASETS
 from train.recipe import fit, run_cli

@@ -91,11 +91,22 @@ class Editor(abc.ABC):
                 "next_id": self._next_id}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replace every edit by those of ``state``. Every value is checked before anything changes: on
+        any error the editor and the model are left exactly as they were."""
+        self._next_id = self._check_state(state)
+
+    def _check_state(self, state: dict) -> int:
+        """The checks every state passes (a dict from this editor and model, a valid next id); returns the next id."""
+        if not isinstance(state, dict):
+            raise IncompatibleError(f"an editor state is a dict, got {type(state).__name__}")
         if state.get("editor") != self.name:
             raise IncompatibleError(f"state was saved by editor {state.get('editor')!r}, not {self.name!r}")
         if state.get("model") != self.lm.spec.name:
             raise IncompatibleError(f"state was made for model {state.get('model')!r}, not {self.lm.spec.name!r}")
-        self._next_id = int(state["next_id"])
+        next_id = state.get("next_id")
+        if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id < 0:
+            raise IncompatibleError(f"state's next_id must be a non-negative int, got {next_id!r}")
+        return next_id
 
     # ---- helpers -----------------------------------------------------------------------------
     def _check(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
@@ -164,16 +175,38 @@ class ParamSnapshot:
         """The edited values of every touched parameter (CPU copies)."""
         return {n: self.model.get_parameter(n).detach().cpu().clone() for n in self._saved}
 
-    @torch.no_grad()
-    def load(self, values: dict[str, torch.Tensor]) -> None:
+    def check(self, values: object, allowed: Sequence[str] | None) -> None:
+        """IncompatibleError unless ``values`` maps names of parameters (of ``allowed``, when given) to
+        finite tensors of their shapes; nothing changes either way."""
+        if not isinstance(values, dict):
+            raise IncompatibleError(f"saved parameters must be a dict, got {type(values).__name__}")
         for name, value in values.items():
+            if allowed is not None and name not in allowed:
+                raise IncompatibleError(f"saved parameter {name!r} is not one this editor edits ({list(allowed)})")
             try:
-                param = self.touch(name)
+                param = self.model.get_parameter(name)
             except AttributeError:
                 raise IncompatibleError(f"saved parameter {name!r} does not exist in this model") from None
-            if param.shape != value.shape:
-                raise IncompatibleError(f"saved {name!r} has shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+            check_tensor(value, tuple(param.shape), f"saved {name!r}")
+
+    @torch.no_grad()
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        """Undo every edit, then write ``values`` (checked with :meth:`check` first) into the model."""
+        self.restore()
+        for name, value in values.items():
+            param = self.touch(name)
             param.copy_(value.to(param.device, param.dtype))
+
+
+def check_tensor(value: object, shape: tuple, where: str) -> torch.Tensor:
+    """``value`` if it is a finite tensor of ``shape`` (None in ``shape``: any size), else IncompatibleError."""
+    if not isinstance(value, torch.Tensor):
+        raise IncompatibleError(f"{where} must be a tensor, got {type(value).__name__}")
+    if value.dim() != len(shape) or any(w is not None and g != w for g, w in zip(value.shape, shape)):
+        raise IncompatibleError(f"{where} has shape {tuple(value.shape)}, expected {shape}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise IncompatibleError(f"{where} holds NaN or inf")
+    return value
 
 
 class WeightEditor(Editor):
@@ -190,12 +223,18 @@ class WeightEditor(Editor):
     def _savepoint(self) -> Callable[[], None]:
         return self.snapshot.savepoint()
 
+    #: names of the parameters this editor may change (None: any); a state naming others is refused
+    editable_params: Sequence[str] | None = None
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "params": self.snapshot.current()}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.snapshot.load(state.get("params", {}))
+        next_id = self._check_state(state)
+        params = state.get("params", {})
+        self.snapshot.check(params, self.editable_params)
+        self.snapshot.load(params)
+        self._next_id = next_id
 
 
 EDITORS: dict[str, type[Editor]] = {}

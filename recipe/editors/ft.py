@@ -43,6 +43,7 @@ class FTEditor(WeightEditor):
         self.layer = self.default_layer(self.config.layer)
         self.param_name = f"{self.lm.spec.mlp_out.format(self.layer)}.weight"
         self.lm.module(self.lm.spec.mlp_out.format(self.layer))  # clear error if the path is wrong
+        self.editable_params = [self.param_name]
 
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
         cfg = self.config

@@ -82,6 +82,7 @@ class MEMITEditor(RankOneEditor):
         self._cholesky: dict[int, Tensor | None] = {}  # layer -> Cholesky factor of λC (None: not positive definite)
         for layer in self.layers:
             self.lm.module(self.lm.spec.mlp_out.format(layer))  # clear error if the path is wrong
+        self.editable_params = [f"{self.lm.spec.mlp_out.format(layer)}.weight" for layer in self.layers]
 
     def _hidden(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
         """Residual stream after decoder ``layer`` at each request's fact token, bare prompt: (n, H)."""

@@ -33,14 +33,12 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from recipe.config import from_dict, repo_root
+from recipe.artifacts import load_mend_artifact
 from recipe.editors.base import EditorConfig, WeightEditor, register_editor
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import EditedLM
@@ -48,8 +46,6 @@ from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "mend.artifact", 1
-ARTIFACT_META, ARTIFACT_WEIGHTS = "mend.json", "weights.safetensors"
 
 
 @dataclass
@@ -241,61 +237,6 @@ def edited_shapes(lm: EditedLM, layers: Sequence[int]) -> list[tuple[int, int]]:
     return [tuple(lm.module(lm.spec.mlp_out.format(layer)).weight.shape) for layer in layers]
 
 
-def save_artifact(networks: MENDNetworks, lm: EditedLM, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the trained networks (safetensors: g and log α float32, u/δ statistics float64) + ``mend.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in networks.state_dict().items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise RecipeError(f"cannot export: {bad[:5]} are not finite")
-    safetensors.torch.save_file(tensors, str(out / ARTIFACT_WEIGHTS))
-    meta = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
-            "lm": {"name": lm.spec.name, "hidden_size": lm.hidden_size},
-            "layers": networks.layers, "module": lm.spec.mlp_out, "shapes": [list(s) for s in networks.shapes],
-            "architecture": dataclasses.asdict(networks.arch),
-            "steps": [float(networks.step(k).detach()) for k in range(len(networks.layers))],
-            "weights": ARTIFACT_WEIGHTS, "sha256": hashlib.sha256((out / ARTIFACT_WEIGHTS).read_bytes()).hexdigest(),
-            **({"training": extra} if extra else {})}
-    (out / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    log.info("exported MEND networks (%.1f MB) to %s", (out / ARTIFACT_WEIGHTS).stat().st_size / 1e6, out)
-    return out
-
-
-def load_artifact(path: str | Path, lm: EditedLM) -> tuple[MENDNetworks, dict]:
-    """Networks from an artefact folder, checked against ``lm`` (name, hidden size, edited shapes)."""
-    path = Path(path)
-    meta_path = path / ARTIFACT_META
-    if not meta_path.is_file():
-        raise RecipeError(f"no MEND checkpoint at {path}: {ARTIFACT_META} is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
-        raise RecipeError(f"{meta_path} is not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file")
-    saved = meta["lm"]
-    if saved["hidden_size"] != lm.hidden_size or saved["name"] != lm.spec.name:
-        raise IncompatibleError(f"MEND checkpoint {path} was made for LM {saved['name']!r} (hidden size "
-                                f"{saved['hidden_size']}); this LM is {lm.spec.name!r} (hidden size {lm.hidden_size})")
-    n_layers = lm.model.config.num_hidden_layers
-    if any(not 0 <= layer < n_layers for layer in meta["layers"]):
-        raise IncompatibleError(f"MEND checkpoint {path} edits layers {meta['layers']}; {lm.spec.name!r} has {n_layers}")
-    shapes = edited_shapes(lm, meta["layers"])
-    if [list(s) for s in shapes] != meta["shapes"]:
-        raise IncompatibleError(f"MEND checkpoint {path} was made for weights of shapes {meta['shapes']}; "
-                                f"this LM's are {[list(s) for s in shapes]}")
-    weights = path / meta["weights"]
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta["sha256"]:
-        raise RecipeError(f"{weights}: checksum differs from {ARTIFACT_META}; the file was changed or truncated")
-    arch = from_dict(MENDArchitecture, meta["architecture"], f"{meta_path}: architecture")
-    networks = MENDNetworks(meta["layers"], shapes, arch)
-    state = safetensors.torch.load_file(str(weights))
-    expected = set(networks.state_dict())
-    if set(state) != expected:
-        raise IncompatibleError(f"{weights} holds other tensors than the architecture needs: missing "
-                                f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    networks.load_state_dict(state)
-    return networks.to(lm.device), meta
-
-
 def resolve_layers(lm: EditedLM, layers: Sequence[int]) -> list[int]:
     """``layers`` or the model config's ``edit_layers.mend``, range-checked and sorted."""
     layers = list(layers) or list(lm.spec.edit_layers.get("mend") or [])
@@ -324,15 +265,14 @@ class MENDEditor(WeightEditor):
             layers = resolve_layers(lm, cfg.layers)
             self.networks = MENDNetworks(layers, edited_shapes(lm, layers), cfg.architecture, cfg.seed).to(lm.device)
         else:
-            path = Path(cfg.checkpoint).expanduser()
-            path = path if path.is_absolute() or path.exists() else repo_root() / path
-            self.networks, _ = load_artifact(path, lm)
+            self.networks, _ = load_mend_artifact(cfg.checkpoint, lm)
             if cfg.layers and resolve_layers(lm, cfg.layers) != self.networks.layers:
                 raise IncompatibleError(f"checkpoint {cfg.checkpoint} edits layers {self.networks.layers}; "
                                         f"the config asks for {list(cfg.layers)}")
         self.networks.eval().requires_grad_(False)
         self.paths = [lm.spec.mlp_out.format(layer) for layer in self.networks.layers]
         self.param_names = [f"{p}.weight" for p in self.paths]
+        self.editable_params = self.param_names
 
     @property
     def info(self) -> dict:

@@ -15,25 +15,21 @@ never saw in training (open targets, FIELD_NOTES: "never seen" targets). The sta
 are kept per edit and saved, so the prefix is rebuilt exactly after save/load.
 
 Trained networks (``recipe.retrieval.networks``) come from ``checkpoint`` (an artefact written by ``train.recipe``, see
-``save_artifact``); with ``checkpoint: null`` they are randomly initialised under ``seed`` (fine for
+``recipe.artifacts``); with ``checkpoint: null`` they are randomly initialised under ``seed`` (fine for
 tests and plumbing, useless for real edits).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
-import safetensors.torch
 import torch
 from torch import Tensor
 
-from recipe.config import from_dict, repo_root
+from recipe.artifacts import check_lm, load_recipe_artifact, load_verifier
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import EditedLM, Prefix
@@ -41,18 +37,15 @@ from recipe.retrieval.encoders import RecipeArchitecture
 from recipe.retrieval.gates import Candidates, Gate, SentinelGate, SubjectGate, VerifierGate, apply_gates
 from recipe.retrieval.key_index import IndexKind
 from recipe.retrieval.networks import RecipeNetworks
-from recipe.retrieval.repository import KnowledgeRepository
+from recipe.retrieval.repository import KnowledgeRepository, RepositoryError
 from recipe.retrieval.sentinel import SentinelMode
 from recipe.retrieval.statements import (DEFAULT_SEPARATOR, EditRecord, make_records, normalise_statement,
                                          statement_token_bound)
-from recipe.retrieval.verifier import load_verifier
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
 
 PrefixMode = Literal["vectors", "vectors+statement"]
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "recipe.artifact", 1
-ARTIFACT_META, ARTIFACT_WEIGHTS = "recipe.json", "weights.safetensors"
 
 
 @dataclass
@@ -93,68 +86,6 @@ class Retrieval:
     subject_in_query: bool | None = None  # the top-1 edit's subject occurs in the query; None: not checked
 
 
-def save_artifact(networks: RecipeNetworks, lm: EditedLM, out_dir: str | Path, prefix_mode: PrefixMode,
-                  extra: dict | None = None, statement_separator: str = DEFAULT_SEPARATOR) -> Path:
-    """Write the trained networks as fp16 safetensors + ``recipe.json`` (LM name, hidden size, shapes)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in networks.artifact_state().items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise RecipeError(f"cannot export: {bad[:5]} overflow float16")
-    safetensors.torch.save_file(tensors, str(out / ARTIFACT_WEIGHTS))
-    meta = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION,
-            "lm": {"name": lm.spec.name, "hidden_size": lm.hidden_size},
-            "architecture": dataclasses.asdict(networks.arch), "prefix_mode": prefix_mode,
-            "statement_separator": statement_separator,
-            "sentinel_mode": networks.sentinel.mode, "threshold": networks.sentinel.threshold,
-            "weights": ARTIFACT_WEIGHTS, "sha256": hashlib.sha256((out / ARTIFACT_WEIGHTS).read_bytes()).hexdigest(),
-            **({"training": extra} if extra else {})}
-    (out / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    log.info("exported RECIPE networks (%.1f MB) to %s", (out / ARTIFACT_WEIGHTS).stat().st_size / 1e6, out)
-    return out
-
-
-def read_artifact_meta(path: str | Path) -> dict:
-    meta_path = Path(path) / ARTIFACT_META
-    if not meta_path.is_file():
-        raise RecipeError(f"no RECIPE checkpoint at {path}: {ARTIFACT_META} is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
-        raise RecipeError(f"{meta_path} is not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file")
-    return meta
-
-
-def check_lm(saved: dict, lm: EditedLM, where: str) -> None:
-    """IncompatibleError unless ``saved`` (``{"name", "hidden_size"}``) describes ``lm``."""
-    if saved["hidden_size"] != lm.hidden_size:
-        raise IncompatibleError(f"{where} was made for an LM with hidden size {saved['hidden_size']} "
-                                f"({saved['name']}); this LM ({lm.spec.name}) has hidden size {lm.hidden_size}")
-    if saved["name"] != lm.spec.name:
-        raise IncompatibleError(f"{where} was made for LM {saved['name']!r}, not {lm.spec.name!r}")
-
-
-def load_artifact(path: str | Path, lm: EditedLM, *, sentinel_mode: SentinelMode | None = None,
-                  threshold: float | None = None) -> tuple[RecipeNetworks, dict]:
-    """Networks from an artefact folder (checked against ``lm``), and its metadata."""
-    path = Path(path)
-    meta = read_artifact_meta(path)
-    check_lm(meta["lm"], lm, f"RECIPE checkpoint {path}")
-    weights = path / meta["weights"]
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta["sha256"]:
-        raise RecipeError(f"{weights}: checksum differs from {ARTIFACT_META}; the file was changed or truncated")
-    arch = from_dict(RecipeArchitecture, meta["architecture"], f"{path / ARTIFACT_META}: architecture")
-    networks = RecipeNetworks.build(lm, arch, sentinel_mode=sentinel_mode or meta["sentinel_mode"],
-                                    threshold=meta["threshold"] if threshold is None else threshold)
-    state = safetensors.torch.load_file(str(weights))
-    expected = set(networks.artifact_state())
-    if set(state) != expected:
-        raise IncompatibleError(f"{weights} holds other tensors than the architecture needs: missing "
-                                f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    networks.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    return networks, meta
-
-
 def edit_prefix(vectors: Tensor, token_ids: Sequence[int] | None) -> Prefix:
     """What an edit puts before a query: its prompt ``vectors`` (l, H), then its statement's tokens if given
     ("vectors+statement"). The LM embeds them (:meth:`EditedLM.prefix_embeddings`)."""
@@ -176,8 +107,8 @@ class RecipeEditor(Editor):
             self.networks = RecipeNetworks.build(lm, cfg.architecture, sentinel_mode=cfg.sentinel_mode,
                                                  threshold=cfg.threshold, seed=cfg.seed)
         else:
-            self.networks, meta = load_artifact(self._checkpoint_path(cfg.checkpoint), lm,
-                                                sentinel_mode=cfg.sentinel_mode, threshold=cfg.threshold)
+            self.networks, meta = load_recipe_artifact(cfg.checkpoint, lm, sentinel_mode=cfg.sentinel_mode,
+                                                       threshold=cfg.threshold)
             if meta["prefix_mode"] != cfg.prefix_mode:
                 raise IncompatibleError(f"checkpoint {cfg.checkpoint} was trained with prefix_mode "
                                         f"{meta['prefix_mode']!r}; the config asks for {cfg.prefix_mode!r}")
@@ -205,17 +136,12 @@ class RecipeEditor(Editor):
             raise RecipeError("subject_gate_bypass needs subject_gate: true and a verifier")
         gates: list[Gate] = [SentinelGate(self.networks.sentinel, cfg.sentinel_margin)]
         if cfg.verifier is not None:
-            verifier, meta = load_verifier(self._checkpoint_path(cfg.verifier), self.lm.device)
+            verifier, meta = load_verifier(cfg.verifier, self.lm.device)
             threshold = float(meta["threshold"] if cfg.verifier_threshold is None else cfg.verifier_threshold)
             gates.append(VerifierGate(verifier, threshold))
         if cfg.subject_gate:
             gates.append(SubjectGate(cfg.subject_gate_bypass))
         return gates
-
-    @staticmethod
-    def _checkpoint_path(checkpoint: str) -> Path:
-        path = Path(checkpoint).expanduser()
-        return path if path.is_absolute() or path.exists() else repo_root() / path
 
     def _new_repository(self) -> KnowledgeRepository:
         arch = self.networks.arch
@@ -341,27 +267,38 @@ class RecipeEditor(Editor):
         return edit_prefix(vectors, record.token_ids)
 
     # ---- persistence -------------------------------------------------------------------------
-    def _check_info(self, info: dict, where: str) -> None:
+    # load and load_state_dict check everything first (_check_info, _checked_entries, the repository's
+    # own checks), then replace the edits in one step (_install) that cannot fail.
+    def _check_info(self, info: object, where: str) -> None:
+        if not isinstance(info, dict):
+            raise IncompatibleError(f"{where} has no info describing its LM and networks (got {info!r:.80})")
         check_lm({"name": info.get("lm"), "hidden_size": info.get("hidden_size")}, self.lm, where)
         for key, want in self.info.items():
             if info.get(key) != want:
                 raise IncompatibleError(f"{where} was made with {key}={info.get(key)!r}; this editor has {want!r}")
 
-    def _restore(self, info: dict, ids: list[int], statements: list[str], keys, prompts, next_id: int,
-                 repository: KnowledgeRepository | None = None, subjects: list[str | None] | None = None) -> None:
-        self._check_info(info, "the saved RECIPE state")
-        if len(ids) != len(statements):
-            raise RecipeError(f"saved state has {len(ids)} ids but {len(statements)} statements")
-        subjects = subjects if subjects is not None else [None] * len(ids)  # saves from before subjects were kept
-        records = self._records_of(ids, statements, subjects, where="saved RECIPE state: ")  # a long one: refused
+    def _checked_entries(self, ids: object, statements: object, subjects: object, next_id: object,
+                         where: str) -> list[EditRecord]:
+        """The records of saved edits, every value checked (ids, next id, statements, subjects)."""
+        subjects = [None] * len(ids) if subjects is None and isinstance(ids, list) else subjects  # older saves
+        if not all(isinstance(v, list) for v in (ids, statements, subjects)) or not len(ids) == len(statements) == len(subjects):
+            raise RecipeError(f"{where}: ids, statements and subjects must be lists of one length")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise RecipeError(f"{where}: edit ids must be distinct non-negative ints, got {ids[:10]}")
+        if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id <= max(ids, default=-1):
+            raise RecipeError(f"{where}: next_id {next_id!r} must be an int above every saved id (the largest is "
+                              f"{max(ids, default=None)}); later edits would reuse ids")
+        if any(not (s is None or isinstance(s, str)) for s in subjects) or len(set(map(str, statements))) != len(ids):
+            raise RecipeError(f"{where}: subjects must be text or null, and no statement may be stored twice")
+        return self._records_of(ids, statements, subjects, where=f"{where}: ")  # empty, non-text or long: refused
+
+    def _install(self, repository: KnowledgeRepository, records: list[EditRecord], next_id: int) -> None:
+        """Replace every edit by ``records`` held in ``repository`` (both already checked)."""
         self.rollback()
-        if repository is None:  # else: a loaded repository holding exactly these entries, adopted as is
-            repository = self._new_repository()
-            repository.add(keys, prompts, ids=ids)
         self.repository = repository
         for record in records:
             self._remember(record)
-        self._next_id = int(next_id)
+        self._next_id = next_id
         self.lm.prefix_provider = self._provide
 
     def state_dict(self) -> dict:
@@ -371,15 +308,19 @@ class RecipeEditor(Editor):
                 "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("editor") != self.name:
-            raise IncompatibleError(f"state was saved by editor {state.get('editor')!r}, not {self.name!r}")
-        self._check_info(state.get("info", {}), "the saved RECIPE state")
-        super().load_state_dict(state)
-        self._restore(state["info"], list(state["ids"]), list(state["statements"]), state["keys"],
-                      state["prompts"], state["next_id"], subjects=state.get("subjects"))
+        next_id = self._check_state(state)
+        where = "the saved RECIPE state"
+        self._check_info(state.get("info"), where)
+        records = self._checked_entries(state.get("ids"), state.get("statements"), state.get("subjects"), next_id, where)
+        repository = self._new_repository()
+        try:
+            repository.add(state.get("keys"), state.get("prompts"), ids=[r.id for r in records])
+        except RepositoryError as exc:
+            raise RecipeError(f"{where}: {exc}") from exc
+        self._install(repository, records, next_id)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the repository (keys, prompts, statements, next id) crash-safely to ``directory``."""
+        """Write the repository (keys, prompts, statements, next id) atomically to ``directory``."""
         ids = self.repository.ids()
         self.repository.info = {**self.info, "entries": {"next_id": self._next_id, "ids": ids,
                                                          "statements": [self._records[i].statement for i in ids],
@@ -390,17 +331,23 @@ class RecipeEditor(Editor):
             self.repository.info = dict(self.info)
 
     def load(self, directory: str | Path) -> None:
-        """Replace every edit with those saved by :meth:`save` (made for this LM and these networks)."""
+        """Replace every edit with those saved by :meth:`save` (made for this LM and these networks).
+
+        The folder is verified (checksums, then every value) before anything changes: on any error
+        the editor keeps its edits and its next id."""
         saved = KnowledgeRepository.load(directory, use_gpu=self.config.use_gpu, index=self.config.index)
         info = dict(saved.info)
         entries = info.pop("entries", None)
-        self._check_info(info, f"RECIPE repository {directory}")
-        if entries is None or entries["ids"] != saved.ids():
+        where = f"RECIPE repository {directory}"
+        self._check_info(info, where)
+        if not isinstance(entries, dict) or entries.get("ids") != saved.ids():
             raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
+        records = self._checked_entries(entries["ids"], entries.get("statements"), entries.get("subjects"),
+                                        entries.get("next_id"), where)
         if saved.prompt_dtype == self.config.prompt_dtype:  # adopt it: no second copy, a saved IVF kept as is
             saved.info = dict(self.info)
-            self._restore(info, entries["ids"], entries["statements"], None, None, entries["next_id"], repository=saved,
-                          subjects=entries.get("subjects"))
+            repository = saved
         else:
-            self._restore(info, entries["ids"], entries["statements"], saved.keys(), saved.get_prompts(saved.ids()),
-                          entries["next_id"], subjects=entries.get("subjects"))
+            repository = self._new_repository()
+            repository.add(saved.keys(), saved.get_prompts(saved.ids()), ids=saved.ids())
+        self._install(repository, records, entries["next_id"])

@@ -110,6 +110,7 @@ class ROMEEditor(RankOneEditor):
         self.layer = self.default_layer(self.config.layer)
         self.module_path = self.lm.spec.mlp_out.format(self.layer)
         self.param_name = f"{self.module_path}.weight"
+        self.editable_params = [self.param_name]
         self.lm.module(self.module_path)  # clear error if the path is wrong
 
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:

@@ -31,7 +31,7 @@ class EditorStateError(FolderCorruptError, FileNotFoundError):
     """A saved editor state is missing, damaged, of another format, or holds unsupported values."""
 
 
-_ERRORS = Errors(not_found=EditorStateError, corrupt=EditorStateError, what="editor state")
+_ERRORS = Errors(not_found=EditorStateError, corrupt=EditorStateError, what="saved editor state")
 
 
 def _flatten(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:

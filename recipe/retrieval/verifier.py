@@ -15,26 +15,20 @@ log-odds that the statement answers or bears on the query. It runs once per *acc
 top-1 entry only: ``RecipeEditor`` uses that entry's prompt only when ``sigmoid(logit) > threshold``.
 A rejection gives the unedited model, exactly as a sentinel rejection does.
 
-Artefact: ``verifier.safetensors`` (the head and trained body layers in fp16; the frozen layers come
-from the body's own package) + ``verifier.json`` (architecture, threshold, sha256, training record).
+Artefact (``recipe.artifacts.save_verifier`` / ``load_verifier``): ``verifier.safetensors`` (the head
+and trained body layers in fp16; the frozen layers come from the body's own package) +
+``verifier.json`` (architecture, seed, threshold, training record), checksummed by its manifest.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from recipe.errors import IncompatibleError, RecipeError
+from recipe.errors import RecipeError
 from recipe.retrieval.encoders import EncoderName, load_body, mean_pool, train_top_layers
-
-VERIFIER_WEIGHTS, VERIFIER_META, VERIFIER_FORMAT = "verifier.safetensors", "verifier.json", "recipe-verifier"
 
 
 @dataclass
@@ -83,39 +77,3 @@ class EditVerifier(nn.Module):
     def artifact_state(self) -> dict[str, Tensor]:
         """The tensors training changes: the head and the trained body layers."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("body.") or k.startswith(self.trained_prefixes)}
-
-
-def save_verifier(verifier: EditVerifier, out_dir: str | Path, threshold: float = 0.5, extra: dict | None = None) -> Path:
-    """Write ``verifier.safetensors`` (fp16) + ``verifier.json`` to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in verifier.artifact_state().items()}
-    if not all(torch.isfinite(v).all() for v in tensors.values()):
-        raise RecipeError("cannot export the verifier: some weights overflow float16")
-    safetensors.torch.save_file(tensors, str(out / VERIFIER_WEIGHTS))
-    meta = {"format": VERIFIER_FORMAT, "architecture": dataclasses.asdict(verifier.arch), "seed": verifier.seed, "threshold": float(threshold),
-            "sha256": hashlib.sha256((out / VERIFIER_WEIGHTS).read_bytes()).hexdigest(),
-            **({"training": extra} if extra else {})}
-    (out / VERIFIER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
-
-
-def load_verifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[EditVerifier, dict]:
-    """``(verifier in eval mode, its verifier.json)``; clear errors for a missing or changed artefact."""
-    path = Path(path)
-    meta_path, weights = path / VERIFIER_META, path / VERIFIER_WEIGHTS
-    if not meta_path.exists() or not weights.exists():
-        raise RecipeError(f"{path} is not a verifier artefact (needs {VERIFIER_META} and {VERIFIER_WEIGHTS})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != VERIFIER_FORMAT:
-        raise IncompatibleError(f"{meta_path} has format {meta.get('format')!r}, expected {VERIFIER_FORMAT!r}")
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta.get("sha256"):
-        raise IncompatibleError(f"{weights} does not match the sha256 in {meta_path} (changed or half-written)")
-    verifier = EditVerifier(VerifierArchitecture(**meta["architecture"]), seed=int(meta.get("seed", 0)))
-    state = {k: v.float() for k, v in safetensors.torch.load_file(str(weights)).items()}
-    expected = set(verifier.artifact_state())
-    if set(state) != expected:
-        raise IncompatibleError(f"{weights} holds other tensors than this architecture trains "
-                                f"(missing {sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]})")
-    verifier.load_state_dict(state, strict=False)
-    return verifier.to(device).eval().requires_grad_(False), meta
