@@ -1,6 +1,9 @@
 """Editor states on disk (recipe/editors/state_file.py): round trip, crash safety, clear errors."""
+import copy
 import json
+import re
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -9,6 +12,7 @@ from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.editors import state_file
 from recipe.editors.state_file import EditorStateError, load_state, save_state
+from recipe.errors import RecipeError
 from recipe.storage import reseal
 
 
@@ -121,3 +125,105 @@ def test_an_older_state_without_manifest_is_refused(tmp_path):
     safetensors.torch.save_file({}, str(tmp_path / "s" / "tensors.safetensors"))
     with pytest.raises(EditorStateError, match="manifest.json is missing"):
         load_state(tmp_path / "s")
+
+
+# ---- a failed load changes nothing ---------------------------------------------------------------
+def _model_tensors(lm):
+    return [(n, p.detach().clone()) for n, p in lm.model.named_parameters()]
+
+
+def _same(before, after):
+    return [n for n, _ in before] == [n for n, _ in after] and all(torch.equal(a, b) for (_, a), (_, b) in zip(before, after))
+
+
+def _first_float(value):
+    """The first floating tensor inside a nested state (params, codebook, patches)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((t for t in map(_first_float, children) if t is not None), None)
+
+
+def _with_nan(state):
+    state = copy.deepcopy(state)
+    _first_float({k: v for k, v in state.items() if k != "config"}).view(-1)[0] = float("nan")
+    return state
+
+
+def _moved_to_another_layer(state):
+    state = copy.deepcopy(state)
+    shift = lambda text: re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{(int(m[1]) + 1) % 4}.", text)  # noqa: E731
+    if "params" in state:
+        state["params"] = {shift(name): value for name, value in state["params"].items()}
+    elif "codebook" in state:
+        state["layer"] = (state["layer"] + 1) % 4
+    else:
+        state["patches"][0]["layer"] = (state["patches"][0]["layer"] + 1) % 4
+    return state
+
+
+def _wrong_shape(state):
+    state = copy.deepcopy(state)
+    tensor = _first_float({k: v for k, v in state.items() if k != "config"})
+    holder = [state]
+    while holder:  # replace that tensor by one with an extra row, wherever it sits
+        node = holder.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, value in list(items):
+            if value is tensor:
+                node[key] = torch.cat([value, value[:1]])
+                return state
+            holder.append(value)
+    raise AssertionError("no tensor found")
+
+
+@pytest.mark.parametrize("damage", [_with_nan, _moved_to_another_layer, _wrong_shape], ids=["nan", "renamed", "shape"])
+@pytest.mark.parametrize("name", ["ft", "ftm", "rome", "memit", "mend", "grace", "tpatcher"])
+def test_a_refused_state_leaves_the_editor_and_weights_as_they_were(name, damage, tiny, one_thread):
+    from test_editors import FAST, REQUEST
+
+    from recipe.types import EditRequest
+
+    editor = load_editor(name, tiny, FAST.get(name))
+    editor.edit([REQUEST])
+    state = editor.state_dict()
+    editor.edit([EditRequest("Hey Jude was performed by", "Madonna")])  # live edits the bad state must not replace
+    before, next_id = _model_tensors(tiny), editor._next_id
+    logits = tiny.model(**tiny.tokenizer(["The capital of France is"], return_tensors="pt")).logits
+    with pytest.raises(RecipeError):
+        editor.load_state_dict(damage(state))
+    assert _same(before, _model_tensors(tiny)) and editor._next_id == next_id
+    assert torch.equal(tiny.model(**tiny.tokenizer(["The capital of France is"], return_tensors="pt")).logits, logits)
+
+
+def _recipe(lm):
+    from test_editors import FAST
+
+    return load_editor("recipe", lm, FAST["recipe"])
+
+
+def _set_first_statement(folder, value):
+    meta = json.loads((folder / "repository.json").read_text())
+    meta["info"]["entries"]["statements"][0] = value
+    (folder / "repository.json").write_text(json.dumps(meta))
+    reseal(folder)
+
+
+@pytest.mark.parametrize("damage", [lambda d: _set_first_statement(d, None), lambda d: _set_first_statement(d, " "),
+                                    lambda d: (d / "repository.json").write_text("{}")],
+                         ids=["statement-null", "statement-blank", "json-changed"])
+def test_a_refused_recipe_folder_keeps_unsaved_edits_and_ids(tiny, one_thread, tmp_path, damage):
+    from test_editors import REQUEST
+
+    from recipe.types import EditRequest
+
+    editor = _recipe(tiny)
+    editor.edit([REQUEST])
+    editor.save(tmp_path / "r")
+    editor.edit([EditRequest("Hey Jude was performed by", "Madonna")])  # not saved
+    statements, keys = editor.statements, editor.repository.keys()
+    damage(tmp_path / "r")
+    with pytest.raises(RecipeError):
+        editor.load(tmp_path / "r")
+    assert editor.statements == statements and np.array_equal(editor.repository.keys(), keys)
+    assert editor.edit([EditRequest("The quick brown fox", "sleeps")]) == [2]  # ids are not handed out again

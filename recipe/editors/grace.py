@@ -42,7 +42,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.editors.base import Editor, EditorConfig, check_tensor, register_editor
 from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.types import EditId, EditRequest
@@ -233,26 +233,40 @@ class GraceEditor(Editor):
         return {**super().state_dict(), "layer": self.layer, "codebook": entries}
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace the current codebook by the saved one."""
-        super().load_state_dict(state)
-        next_id = self._next_id
-        if int(state.get("layer", self.layer)) != self.layer:
-            raise IncompatibleError(f"state was made for layer {state.get('layer')}, this editor edits {self.layer}")
+        """Replace the current codebook by the saved one, checked in full first (a failure changes nothing)."""
+        next_id = self._check_state(state)
+        saved = self._checked_codebook(state)
         self.rollback()
         self._next_id = next_id
-        saved = state.get("codebook") or {}
-        if not saved.get("labels"):
+        if saved is None:
             return
         book = self._install()
         ref = book.proj.weight
-        keys, values, radii = (saved[k].to(ref.device, ref.dtype) for k in ("keys", "values", "radii"))
-        n = len(saved["labels"])
-        if keys.shape != (n, book.proj.in_features) or values.shape != (n, book.proj.out_features) or radii.shape != (n,):
-            self.rollback()
-            raise IncompatibleError(f"saved codebook has shapes {tuple(keys.shape)}, {tuple(values.shape)}; this "
-                                    f"model needs (n, {book.proj.in_features}), (n, {book.proj.out_features})")
-        book.keys, book.values, book.radii = keys, values, radii
+        book.keys, book.values, book.radii = (saved[k].to(ref.device, ref.dtype) for k in ("keys", "values", "radii"))
         book.labels, book.owners = list(saved["labels"]), [list(o) for o in saved["owners"]]
+
+    def _checked_codebook(self, state: dict) -> dict | None:
+        """The saved codebook (None: empty) if every value fits this editor's layer; else IncompatibleError."""
+        if state.get("layer", self.layer) != self.layer:
+            raise IncompatibleError(f"state was made for layer {state.get('layer')!r}, this editor edits {self.layer}")
+        saved = state.get("codebook") or {}
+        labels, owners = saved.get("labels") or [], saved.get("owners") or []
+        if not labels:
+            return None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or not isinstance(owners, list) \
+                or len(owners) != len(labels) or not all(_is_id_list(o) for o in owners):
+            raise IncompatibleError("saved codebook: labels must be strings and owners lists of edit ids, one per entry")
+        proj = self.codebook.proj if self.codebook is not None else self.lm.module(self.path)
+        n = len(labels)
+        check_tensor(saved.get("keys"), (n, proj.in_features), "saved codebook keys")
+        check_tensor(saved.get("values"), (n, proj.out_features), "saved codebook values")
+        if (check_tensor(saved.get("radii"), (n,), "saved codebook radii") < 0).any():
+            raise IncompatibleError("saved codebook radii must be non-negative")
+        return saved
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
 
 
 class _UpperSteps:

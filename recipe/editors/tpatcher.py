@@ -50,7 +50,7 @@ from typing import ClassVar, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from recipe.editors.base import Editor, EditorConfig, register_editor
+from recipe.editors.base import Editor, EditorConfig, check_tensor, register_editor
 from recipe.editors.fast_forward import FrozenPrefix, mlp_output_is_residual
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.types import EditId, EditRequest
@@ -231,27 +231,40 @@ class TPatcherEditor(Editor):
                 "memory_prompts": list(self.memory_prompts)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace every current patch by the saved ones."""
-        super().load_state_dict(state)
-        next_id = self._next_id
+        """Replace every current patch by the saved ones, checked in full first (a failure changes nothing)."""
+        next_id = self._check_state(state)
+        patches = [self._checked_patch(saved) for saved in state.get("patches", [])]
+        memory = state.get("memory_prompts", [])
+        if len({edit_id for edit_id, _, _ in patches}) != len(patches):
+            raise IncompatibleError("saved patches repeat an edit id")
+        if not isinstance(memory, list) or not all(isinstance(p, str) for p in memory):
+            raise IncompatibleError("saved memory_prompts must be a list of strings")
         self.rollback()
         self._next_id = next_id
-        for saved in state.get("patches", []):
-            layer = self.default_layer(int(saved["layer"]))
+        for edit_id, layer, patch in patches:
             wrapper = self._wrapper(layer)
             ref = next(wrapper.mlp.parameters())
-            key, bias, value = (saved[k].to(ref.device, ref.dtype) for k in ("key", "bias", "value"))
-            if key.dim() == 1:  # saved before patches had several neurons: one
-                key, bias, value = key[None], bias.reshape(1), value[None]
-            patch = Patch(key, bias, value)
-            d_in = d_out = self.lm.hidden_size  # the MLP reads and writes the residual stream
-            n = key.shape[0]
-            if key.shape != (n, d_in) or value.shape != (n, d_out) or bias.shape != (n,):
-                raise IncompatibleError(f"saved patch {saved['id']} has shapes {tuple(key.shape)}, "
-                                        f"{tuple(value.shape)}; this model needs (n, {d_in}), (n, {d_out})")
-            wrapper.add(int(saved["id"]), patch)
-            self.patch_layer[int(saved["id"])] = layer
-        self.memory_prompts = list(state.get("memory_prompts", []))
+            wrapper.add(edit_id, Patch(*(t.to(ref.device, ref.dtype) for t in (patch.key, patch.bias, patch.value))))
+            self.patch_layer[edit_id] = layer
+        self.memory_prompts = list(memory)
+
+    def _checked_patch(self, saved: object) -> tuple[EditId, int, Patch]:
+        """(edit id, layer, patch on the CPU) of one saved patch; IncompatibleError if it does not fit this model."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("id"), int) or saved["id"] < 0 \
+                or not isinstance(saved.get("layer"), int):
+            raise IncompatibleError(f"a saved patch needs a non-negative int id and an int layer, got {saved!r:.200}")
+        layer = self.default_layer(saved["layer"])
+        if layer != self.layer:  # every patch this editor makes sits at its configured layer
+            raise IncompatibleError(f"saved patch {saved['id']} sits at layer {layer}; this editor patches {self.layer}")
+        key, bias, value = (saved.get(k) for k in ("key", "bias", "value"))
+        if isinstance(key, Tensor) and key.dim() == 1:  # saved before patches had several neurons: one
+            key, bias, value = key[None], bias.reshape(1), value[None]
+        d = self.lm.hidden_size  # the MLP reads and writes the residual stream
+        n = key.shape[0] if isinstance(key, Tensor) and key.dim() == 2 else None
+        where = f"saved patch {saved['id']}"
+        patch = Patch(check_tensor(key, (n, d), f"{where} key"), check_tensor(bias, (n,), f"{where} bias"),
+                      check_tensor(value, (n, d), f"{where} value"))
+        return saved["id"], layer, patch
 
     # ---- training one patch ------------------------------------------------------------------
     def _input_signature(self) -> object:
