@@ -147,7 +147,7 @@ def save_artifact(kind: ArtifactKind, out_dir: str | Path, tensors: dict[str, Te
 def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """``(meta, tensors)`` of a verified artefact of ``kind`` at ``path`` (resolved by :func:`resolve_checkpoint`)."""
     with open_folder(resolve_checkpoint(path), format_name=kind.format_name, versions=(FORMAT_VERSION,),
-                     errors=kind.errors) as folder:
+                     errors=kind.errors, lock=False) as folder:  # written once: no lock file in checkpoints/
         meta = read_json(folder, kind.meta_file)
         tensors = _read_weights(folder, kind)
     return meta, tensors

@@ -156,18 +156,21 @@ def save_folder(target: str | os.PathLike, write_into: Callable[[Path], Mapping[
 
 @contextlib.contextmanager
 def open_folder(target: str | os.PathLike, *, format_name: str, versions: Collection[int],
-                errors: Errors = Errors(), timeout: float = LOCK_TIMEOUT) -> Iterator[VerifiedFolder]:
+                errors: Errors = Errors(), timeout: float = LOCK_TIMEOUT, lock: bool = True) -> Iterator[VerifiedFolder]:
     """Verify the folder at ``target`` and hold its lock while the caller reads it.
 
     Checks, before yielding: the manifest is valid JSON naming ``format_name`` and a version in
     ``versions``; every listed file exists, lies inside the folder and has the recorded sha256.
     Raises ``errors.not_found`` when nothing is saved there, ``errors.corrupt`` naming the file
     on any mismatch, :class:`FolderBusyError` when a save holds the lock past ``timeout``.
+    ``lock=False`` (folders written once, like shipped artefacts) reads without the lock, so
+    nothing is written beside the folder, and leaves any repair to the next save.
     """
     target = Path(target).resolve()
-    with _locked(target, timeout, writing=False):
-        with contextlib.suppress(OSError):  # a read-only location: read what is there
-            _repair(target)
+    with _locked(target, timeout, writing=False) if lock else contextlib.nullcontext():
+        if lock:
+            with contextlib.suppress(OSError):  # a read-only location: read what is there
+                _repair(target)
         source = _find_saved(target, errors)
         yield _verify(source, format_name, versions, errors)
 
