@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,9 @@ from recipe.retrieval import (
     UnknownIdError,
 )
 from recipe.retrieval.repository import META_FILE, TENSOR_FILE
+from recipe.retrieval.tensor_file import TensorFile
+from recipe.retrieval.tensor_file import write as write_tensor_file
+from recipe.storage import reseal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D, L, H = 16, 3, 8
@@ -321,3 +325,53 @@ def test_gpu_search_matches_cpu_after_adds_and_removals():
         for repo in (cpu, gpu):
             repo.remove(range(step * 10, step * 10 + 10))
             repo.add(unit_keys(7, seed=10 + step), random_prompts(7))
+
+
+@pytest.mark.parametrize("name", [META_FILE, TENSOR_FILE, "manifest.json"])
+def test_a_flipped_byte_in_any_file_names_the_file(tmp_path, name):
+    path = filled(3)[0].save(tmp_path / "r")
+    data = bytearray((path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(RepositoryCorruptError, match=re.escape(name)):
+        KnowledgeRepository.load(path)
+
+
+def test_changed_text_in_repository_json_is_an_error(tmp_path):
+    repo = filled(2)[0]
+    repo.info = {**INFO, "statements": ["The mother tongue of Danielle Darrieux is English"]}
+    path = repo.save(tmp_path / "r")
+    text = (path / META_FILE).read_text()
+    (path / META_FILE).write_text(text.replace("English", "Swahili"))
+    with pytest.raises(RepositoryCorruptError, match=f"{META_FILE}: sha256"):
+        KnowledgeRepository.load(path)
+
+
+def _edit_and_reseal(path: Path, **changes) -> None:
+    _edit_json(path / META_FILE, **changes)
+    reseal(path)  # a consistent manifest: only the value checks stand between the edit and the model
+
+
+def _nan_keys(path: Path) -> None:
+    with TensorFile(path / TENSOR_FILE) as f:
+        tensors = {name: f.read(name) for name in f.entries}
+    tensors["keys"][1, 0] = float("nan")
+    write_tensor_file(path / TENSOR_FILE, tensors, {})
+    reseal(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [(lambda d: _edit_and_reseal(d, next_id=0), "next_id 0"),
+     (lambda d: _edit_and_reseal(d, next_id=2), "next_id 2"),
+     (lambda d: _edit_and_reseal(d, count=4), "count 4"),
+     (lambda d: _edit_and_reseal(d, prompt_shape=[L, H + 1]), "prompts"),
+     (lambda d: _edit_and_reseal(d, key_dim=-1), "key_dim"),
+     (_nan_keys, "NaN")],
+    ids=["next-id-0", "next-id-reused", "count", "shape", "key-dim", "nan"],
+)
+def test_out_of_range_values_are_refused_even_with_a_matching_manifest(tmp_path, damage, message):
+    path = filled(3)[0].save(tmp_path / "r")
+    damage(path)
+    with pytest.raises(RepositoryCorruptError, match=message):
+        KnowledgeRepository.load(path)

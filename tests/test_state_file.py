@@ -202,6 +202,13 @@ def _recipe(lm):
     return load_editor("recipe", lm, FAST["recipe"])
 
 
+def _set_entries_next_id(folder, value):
+    meta = json.loads((folder / "repository.json").read_text())
+    meta["info"]["entries"]["next_id"] = value
+    (folder / "repository.json").write_text(json.dumps(meta))
+    reseal(folder)
+
+
 def _set_first_statement(folder, value):
     meta = json.loads((folder / "repository.json").read_text())
     meta["info"]["entries"]["statements"][0] = value
@@ -210,8 +217,8 @@ def _set_first_statement(folder, value):
 
 
 @pytest.mark.parametrize("damage", [lambda d: _set_first_statement(d, None), lambda d: _set_first_statement(d, " "),
-                                    lambda d: (d / "repository.json").write_text("{}")],
-                         ids=["statement-null", "statement-blank", "json-changed"])
+                                    lambda d: _set_entries_next_id(d, 0), lambda d: (d / "repository.json").write_text("{}")],
+                         ids=["statement-null", "statement-blank", "next-id-0", "json-changed"])
 def test_a_refused_recipe_folder_keeps_unsaved_edits_and_ids(tiny, one_thread, tmp_path, damage):
     from test_editors import REQUEST
 
