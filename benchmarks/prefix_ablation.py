@@ -39,7 +39,8 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.seen_split import mean_known, training_targets  # noqa: E402
 from recipe.data import load_dataset  # noqa: E402
-from recipe.editors.recipe import edit_prefix, load_artifact  # noqa: E402
+from recipe.artifacts import load_recipe_artifact as load_artifact  # noqa: E402
+from recipe.editors.recipe import edit_prefix  # noqa: E402
 from recipe.lm import EditedLM, Prefix  # noqa: E402
 from recipe.models import load_model  # noqa: E402
 from recipe.retrieval.statements import statement_token_ids  # noqa: E402

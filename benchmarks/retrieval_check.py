@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from recipe.data import load_dataset  # noqa: E402
-from recipe.editors.recipe import load_artifact  # noqa: E402
+from recipe.artifacts import load_recipe_artifact as load_artifact  # noqa: E402
 from recipe.lm import EditedLM  # noqa: E402
 from recipe.models import load_model  # noqa: E402
 
@@ -87,7 +87,7 @@ def target_right(d: dict) -> dict:
 def with_verifier(d: dict, path: str, thresholds: list[float], margins: list[float]) -> dict:
     """Per-group rates when the verifier must also pass each accepted (query, top-1) pair, for the
     learned sentinel shifted by each margin (a negative margin accepts more and lets the verifier veto)."""
-    from recipe.retrieval.verifier import load_verifier
+    from recipe.artifacts import load_verifier
 
     verifier, _ = load_verifier(path)
     rows = (d["top"] > d["threshold"] + min(margins)).nonzero()[:, 0].tolist()

@@ -58,7 +58,7 @@ class MENDArchitecture:
 
 @dataclass
 class MENDConfig(EditorConfig):
-    checkpoint: str | None = None  # artefact folder from train.mend (relative: to the checkout); None: identity g
+    checkpoint: str | None = None  # artefact folder from train.mend (see recipe.artifacts.resolve_checkpoint); None: identity g
     layers: list[int] = field(default_factory=list)  # edited layers; empty: the checkpoint's, else edit_layers.mend
     architecture: MENDArchitecture = field(default_factory=MENDArchitecture)  # used when checkpoint is None
     seed: int = 0  # initialisation of g's first factors when checkpoint is None
