@@ -309,8 +309,8 @@ class RecipeEditor(Editor):
 
     def load_state_dict(self, state: dict) -> None:
         next_id = self._check_state(state)
-        where = "the saved RECIPE state"
-        self._check_info(state.get("info"), where)
+        where = "saved RECIPE state"
+        self._check_info(state.get("info"), f"the {where}")
         records = self._checked_entries(state.get("ids"), state.get("statements"), state.get("subjects"), next_id, where)
         repository = self._new_repository()
         try:
@@ -338,12 +338,11 @@ class RecipeEditor(Editor):
         saved = KnowledgeRepository.load(directory, use_gpu=self.config.use_gpu, index=self.config.index)
         info = dict(saved.info)
         entries = info.pop("entries", None)
-        where = f"RECIPE repository {directory}"
-        self._check_info(info, where)
+        self._check_info(info, f"RECIPE repository {directory}")
         if not isinstance(entries, dict) or entries.get("ids") != saved.ids():
             raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
         records = self._checked_entries(entries["ids"], entries.get("statements"), entries.get("subjects"),
-                                        entries.get("next_id"), where)
+                                        entries.get("next_id"), "saved RECIPE state")
         if saved.prompt_dtype == self.config.prompt_dtype:  # adopt it: no second copy, a saved IVF kept as is
             saved.info = dict(self.info)
             repository = saved
