@@ -109,9 +109,9 @@ class RecipeEditor(Editor):
         else:
             self.networks, meta = load_recipe_artifact(cfg.checkpoint, lm, sentinel_mode=cfg.sentinel_mode,
                                                        threshold=cfg.threshold)
-            if meta["prefix_mode"] != cfg.prefix_mode:
+            if meta.get("prefix_mode") != cfg.prefix_mode:
                 raise IncompatibleError(f"checkpoint {cfg.checkpoint} was trained with prefix_mode "
-                                        f"{meta['prefix_mode']!r}; the config asks for {cfg.prefix_mode!r}")
+                                        f"{meta.get('prefix_mode')!r}; the config asks for {cfg.prefix_mode!r}")
             separator = meta.get("statement_separator", "")
         self.separator = separator if cfg.statement_separator is None else cfg.statement_separator
         self.networks.eval().requires_grad_(False)
