@@ -97,11 +97,12 @@ class EditedLM(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, spec=None, *, max_batch: int = 16,
                  prefix_cache_mb: float = 256.0):
         super().__init__()
-        from recipe.models import ModelSpec
+        from recipe.families import adapt, spec_for
 
         self.model = model
         self.tokenizer = tokenizer
-        self.spec = spec if spec is not None else ModelSpec(name=getattr(model, "name_or_path", "model"))
+        self.spec = spec if spec is not None else spec_for(model.config, getattr(model, "name_or_path", "model"))
+        adapt(model, self.spec)  # GPT-2's Conv1D MLP outputs as Linear views of the same weights
         self.max_batch = max_batch  # rows per forward pass in score()/generate()
         self.prefix_provider: PrefixProvider | None = None
         self.prefix_cache = PrefixKVCache(model, prefix_cache_mb)  # prefix keys/values for generate() and score()
@@ -127,7 +128,11 @@ class EditedLM(nn.Module):
         try:
             return self.model.get_submodule(path)
         except AttributeError:
-            raise RecipeError(f"model {self.spec.name!r} has no module {path!r}") from None
+            from recipe.families import family_of, unknown_architecture_hint
+
+            model_type = getattr(self.model.config, "model_type", "?")
+            hint = "" if family_of(model_type) else "; " + unknown_architecture_hint(model_type, self.spec.name)
+            raise RecipeError(f"model {self.spec.name!r} has no module {path!r}{hint}") from None
 
     def replace_module(self, path: str, new: nn.Module) -> nn.Module:
         """Put ``new`` at dotted ``path`` and return the module it replaces (module-swapping editors)."""

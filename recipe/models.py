@@ -5,10 +5,12 @@ takes ~20 s and the result cannot be ``save_pretrained``-ed as is, so the first 
 de-quantised state dict into a fresh model and caches it as safetensors under
 ``$RECIPE_CACHE`` (default ``~/.cache/recipe``); later loads take ~2 s.
 
-Per-model facts (module names, prompt format, default edit layers) live in ``configs/models/*.yaml``.
-A model config is input, not code: its name must be a plain registry name (it names a folder under the
-cache), its GGUF file a plain file name, and the package it imports one of :data:`WEIGHT_PACKAGES`.
-Nothing outside ``<cache>/models/`` is ever removed.
+Per-model facts (module names, prompt format, default edit layers) live in ``configs/models/*.yaml``;
+any other model takes its module paths and edit layers from its architecture family
+(``recipe.families``, ``configs/models/families/*.yaml``). A model config is input, not code: its
+name must be a plain registry name (it names a folder under the cache), its GGUF file a plain file
+name, and the package it imports one of :data:`WEIGHT_PACKAGES`. Nothing outside ``<cache>/models/``
+is ever removed.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from recipe.config import configs_dir, load_config
 from recipe.errors import ConfigError, RecipeError, UnknownNameError
+from recipe.families import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ def _checked_spec(spec: ModelSpec, path: Path) -> ModelSpec:
 
 
 def get_spec(name_or_path: str) -> ModelSpec:
-    """The spec of a registered model, or a default Llama-style spec for a HF id / local path.
+    """The spec of a registered model, or a bare spec for a HF id / local path (``load_model`` then
+    fills in its family's module paths and edit layers, :func:`recipe.families.spec_for`).
 
     Only a plain name is looked up in ``configs/models/``; anything with a separator is a HF id or
     a folder and never reads a YAML file.
@@ -192,6 +196,8 @@ def load_model(name_or_path: str = "smollm2-135m", *, device: str | torch.device
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as err:
         raise RecipeError(f"could not load model {name_or_path!r} from {where}: {err}") from None
+    if spec.source == "hf" and not (is_safe_name(name_or_path) and _spec_path(name_or_path).exists()):
+        spec = spec_for(model.config, spec.name, spec.hf_id)  # module paths and edit layers from its family
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)

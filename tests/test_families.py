@@ -1,0 +1,111 @@
+"""Any model by family: tiny random models of every supported architecture, edited by every weight
+editor with the layers their family and depth give (no layer configured anywhere)."""
+import pytest
+import torch
+
+from recipe.editors import load_editor
+from recipe.errors import RecipeError
+from recipe.families import default_edit_layers, families, family_of
+from recipe.lm import EditedLM
+from recipe.testing import tiny_tokenizer
+from recipe.types import EditRequest
+
+H, LAYERS = 64, 6
+REQUEST = EditRequest("The capital of France is", "Rome", subject="France")
+PROBES = ["The capital of France is", "Hey Jude was performed by"]
+# Few steps and no regularisers, so an edit lands on a random model within a unit test; no layer keys.
+FAST = {"ft": {"steps": 15, "lr": 5.0e-2, "norm_constraint": 0.0},
+        "ftm": {"steps": 15, "lr": 5.0e-2},
+        "tpatcher": {"steps": 20, "lr": 5.0e-2},
+        "grace": {"eps_init": 0.05, "steps": 30, "lr": 0.5},
+        "rome": {"covariance": "random-tokens", "n_cov_samples": 32, "fact_token": "last", "context_templates": 1,
+                 "steps": 20, "kl_factor": 0.0, "weight_decay": 0.0, "clamp_norm_factor": 100.0},
+        "memit": {"covariance": "random-tokens", "n_cov_samples": 32, "fact_token": "last", "context_templates": 1,
+                  "mom2_update_weight": 100.0, "steps": 20, "kl_factor": 0.0, "weight_decay": 0.0,
+                  "clamp_norm_factor": 100.0}}
+
+
+def _config(model_type: str, tok):
+    import transformers as tf
+
+    ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+           "bos_token_id": tok.eos_token_id}
+    llama = {"hidden_size": H, "intermediate_size": 2 * H, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 128, **ids}
+    # Gemma-3 normalises each MLP output; at the default init scale a random tiny one is near-uniform.
+    gpt = {"n_embd": H, "n_layer": LAYERS, "n_head": 4, "n_positions": 128, **ids}
+    return {"llama": lambda: tf.LlamaConfig(**llama), "mistral": lambda: tf.MistralConfig(**llama),
+            "qwen2": lambda: tf.Qwen2Config(**llama), "qwen3": lambda: tf.Qwen3Config(**llama, head_dim=16),
+            "gemma3_text": lambda: tf.Gemma3TextConfig(**llama, head_dim=16, sliding_window=16, initializer_range=0.2),
+            "gpt2": lambda: tf.GPT2Config(**gpt), "gptj": lambda: tf.GPTJConfig(**gpt, rotary_dim=8),
+            "gpt_neox": lambda: tf.GPTNeoXConfig(**llama)}[model_type]()
+
+
+def tiny_of(model_type: str, seed: int = 0) -> EditedLM:
+    """A random tiny model of ``model_type`` wrapped without a spec: the family supplies everything."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(model_type, tok)).float().eval().requires_grad_(False)
+    return EditedLM(model, tok, max_batch=4)
+
+
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"]
+
+
+def _logits(lm):
+    return lm.model(**lm.tokenizer(PROBES, return_tensors="pt", padding=True)).logits
+
+
+def test_every_listed_architecture_has_a_family():
+    assert {t: family_of(t) is not None for t in MODEL_TYPES} == dict.fromkeys(MODEL_TYPES, True)
+    assert set(families()) == {"llama", "gemma3", "gpt2", "gptj", "gpt_neox"}
+
+
+def test_edit_layers_follow_depth():
+    assert default_edit_layers(30) == {"rome": 5, "memit": [4, 5, 6, 7, 8], "ft": 21, "ftm": 21, "grace": 24,
+                                       "tpatcher": 29, "mend": [27, 28, 29]}  # SmolLM2's measured choices
+    assert default_edit_layers(6) == {"rome": 1, "memit": [0, 1, 2, 3, 4], "ft": 4, "ftm": 4, "grace": 4,
+                                      "tpatcher": 5, "mend": [3, 4, 5]}
+    with pytest.raises(ValueError, match="at least one"):
+        default_edit_layers(0)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("name", ["ft", "ftm", "rome", "memit", "tpatcher", "grace"])
+def test_weight_editor_edits_any_family_without_a_layer(model_type, name, one_thread):
+    lm = tiny_of(model_type)
+    base = _logits(lm)
+    before = lm.score([REQUEST.prompt], [REQUEST.target_new])[0]
+    editor = load_editor(name, lm, FAST[name])
+    editor.edit([REQUEST])
+    after = lm.score([REQUEST.prompt], [REQUEST.target_new])[0]
+    assert sum(after.logprobs) > sum(before.logprobs) + 1.0  # the answer moved towards the new target
+    editor.rollback()
+    assert torch.equal(_logits(lm), base)
+
+
+def test_gpt2_projection_is_a_linear_view_of_the_same_weights():
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_of("gpt2")
+    proj = lm.module("transformer.h.0.mlp.c_proj")
+    assert isinstance(proj, torch.nn.Linear) and proj.weight.shape == (H, 4 * H)
+    torch.manual_seed(0)  # tiny_of's seed: the same weights, not adapted
+    raw = AutoModelForCausalLM.from_config(lm.model.config).float().eval()
+    assert type(raw.get_submodule("transformer.h.0.mlp.c_proj")).__name__ == "Conv1D"
+    assert torch.equal(raw(**lm.tokenizer(PROBES, return_tensors="pt", padding=True)).logits, _logits(lm))
+
+
+def test_unknown_architecture_names_the_config_to_write(caplog):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tok = tiny_tokenizer()
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=H, n_layer=2, n_head=4)).eval()
+    lm = EditedLM(model, tok)
+    assert "configs/models/families/" in caplog.text and "'bloom'" in caplog.text
+    with pytest.raises(RecipeError, match="configs/models"):
+        load_editor("ft", lm, FAST["ft"])
+    with pytest.raises(RecipeError, match="configs/models/families/<family>.yaml"):
+        load_editor("tpatcher", lm, FAST["tpatcher"])  # the last layer by default, at a Llama path Bloom lacks
