@@ -123,6 +123,14 @@ class EditedLM(nn.Module):
     def max_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
+    # What transformers.pipeline("text-generation", model=lm) reads of a model besides generate().
+    config = property(lambda self: self.model.config)
+    generation_config = property(lambda self: self.model.generation_config)
+    dtype = property(lambda self: self.model.dtype)
+
+    def can_generate(self) -> bool:
+        return True
+
     def module(self, path: str) -> nn.Module:
         """A submodule by dotted path, e.g. ``spec.mlp_out.format(21)``, with a clear error."""
         try:
@@ -335,14 +343,42 @@ class EditedLM(nn.Module):
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, prefixes=AUTO,
-                 on_batch: Callable[[int], None] | None = None, **generate_kwargs) -> list[str]:
-        """Decoded continuations (new text only), like the model's own ``generate`` plus the edits.
+    def generate(self, prompts=None, max_new_tokens: int | None = None, prefixes=AUTO,
+                 on_batch: Callable[[int], None] | None = None, **generate_kwargs):
+        """Generate with the edits, in one of two signatures chosen by the first argument's type.
 
-        Greedy unless ``do_sample=True`` is passed; other keyword arguments go to HF ``generate``. More
-        prompts than ``max_batch`` run in batches of similar length (:meth:`length_order`); the texts come
-        back in the order given. ``on_batch(rows)`` after each batch (a progress bar).
+        Text: ``generate(["The capital of France is"], max_new_tokens=20) -> list[str]``, the decoded
+        continuations (new text only). Greedy unless ``do_sample=True``; other keyword arguments go to HF
+        ``generate``. More prompts than ``max_batch`` run in batches of similar length
+        (:meth:`length_order`); the texts come back in the order given; ``on_batch(rows)`` after each batch.
+
+        The model's own: ``generate(input_ids=ids, attention_mask=mask, **kwargs)`` (or the ids tensor
+        first, or ``**tokenizer(texts, return_tensors="pt", padding=True)``, or the ids of
+        ``tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")``)
+        returns what ``self.model.generate`` returns for the same call: prompt + new ids, or a
+        ``GenerateOutput``; sampling, beams, ``num_return_sequences``, logits processors, stopping
+        criteria and streamers included. Retrieval sees each prompt's text (the last user message of a
+        chat). With no edits, or no prefix for any row, it is the base model's output bit for bit
+        (:mod:`recipe.hf_generate`).
+
+        ``transformers.pipeline("text-generation", model=lm, tokenizer=lm.tokenizer)`` works through this
+        signature (EditedLM exposes the ``config``, ``generation_config``, ``dtype`` and ``can_generate``
+        the pipeline reads; it logs that the class 'EditedLM' is not in its list of supported models).
         """
+        ids = generate_kwargs.pop("input_ids", None)
+        ids = generate_kwargs.pop("inputs", ids)
+        if isinstance(prompts, Tensor) or (prompts is None and ids is not None):
+            from recipe.hf_generate import generate_like_hf
+
+            if on_batch is not None:
+                raise RecipeError("on_batch is for text prompts; with input_ids pass a streamer instead")
+            if max_new_tokens is not None:
+                generate_kwargs["max_new_tokens"] = max_new_tokens
+            return generate_like_hf(self, prompts if prompts is not None else ids, prefixes=prefixes,
+                                    **generate_kwargs)
+        if prompts is None:
+            raise RecipeError("generate() needs prompts (a list of strings) or input_ids (a tensor of token ids)")
+        max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
         prefs = self._resolve_prefixes(prompts, prefixes)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
