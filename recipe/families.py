@@ -10,7 +10,8 @@ and edit layers from its depth (:func:`default_edit_layers`), so every weight ed
 GPT-2's MLP output projection is a ``Conv1D`` (weight stored ``(in, out)``). :func:`adapt` puts an
 ``nn.Linear`` in its place whose weight is the transposed *view* of the same storage: the forward
 computes the same product, edits write into the model's own parameter, and every editor sees the
-``(out, in)`` weight of a Linear as on the other families.
+``(out, in)`` weight of a Linear as on the other families; the model's state dict (``save_pretrained``)
+keeps GPT-2's layout.
 """
 from __future__ import annotations
 
@@ -95,6 +96,21 @@ def spec_for(config, name: str, hf_id: str | None = None):
                      embed_tokens=family.embed_tokens, edit_layers=default_edit_layers(_n_layers(config)))
 
 
+class Conv1DAsLinear(nn.Linear):
+    """A GPT-2 ``Conv1D`` seen as an ``nn.Linear``: ``weight`` (out, in) is the transposed view of the
+    Conv1D's (in, out) storage, and the state dict keeps the Conv1D layout, so ``save_pretrained`` writes
+    a folder that GPT-2 loads as before."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = destination[prefix + "weight"].T  # (in, out), contiguous
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"].T  # (out, in)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def adapt(model: nn.Module, spec) -> None:
     """Present every Conv1D MLP output projection of ``model`` as an ``nn.Linear`` on the same storage.
 
@@ -110,7 +126,7 @@ def adapt(model: nn.Module, spec) -> None:
         conv = model.get_submodule(path)
         if isinstance(conv, nn.Linear):
             continue
-        linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
+        linear = Conv1DAsLinear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
                            device="meta")
         linear.weight = nn.Parameter(conv.weight.detach().T, requires_grad=conv.weight.requires_grad)  # (out, in)
         if conv.bias is not None:

