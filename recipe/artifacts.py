@@ -112,20 +112,25 @@ def lm_fingerprint(lm: EditedLM) -> str:
 def check_lm(saved: Any, lm: EditedLM, where: str) -> None:
     """IncompatibleError unless ``saved`` (an artefact's or a state's ``lm`` record) describes ``lm``.
 
-    Name and hidden size are required; vocabulary size and fingerprint are compared when recorded."""
+    Hidden size is required; vocabulary size and fingerprint are compared when recorded. The name is
+    not what matters: an LM of another name (a local copy, a mirror) is accepted, with a warning,
+    when the record holds a fingerprint and it matches; without one the names must agree."""
     if not isinstance(saved, dict) or not isinstance(saved.get("hidden_size"), int):
         raise IncompatibleError(f"{where} does not say which LM it was made for (got {saved!r})")
     if saved["hidden_size"] != lm.hidden_size:
         raise IncompatibleError(f"{where} was made for an LM with hidden size {saved['hidden_size']} "
                                 f"({saved.get('name')}); this LM ({lm.spec.name}) has hidden size {lm.hidden_size}")
-    if saved.get("name") != lm.spec.name:
+    if saved.get("name") != lm.spec.name and "fingerprint" not in saved:
         raise IncompatibleError(f"{where} was made for LM {saved.get('name')!r}, not {lm.spec.name!r}")
     if "vocab_size" in saved and saved["vocab_size"] != len(lm.tokenizer):
         raise IncompatibleError(f"{where} was made for a vocabulary of {saved['vocab_size']} tokens; this LM's "
                                 f"tokenizer has {len(lm.tokenizer)}")
     if "fingerprint" in saved and saved["fingerprint"] != lm_fingerprint(lm):
-        raise IncompatibleError(f"{where} was made for another LM of the same name and sizes (its tokenizer or "
-                                f"architecture differs: fingerprint {str(saved['fingerprint'])[:16]}...)")
+        raise IncompatibleError(f"{where} was made for another LM ({saved.get('name')!r}, the same sizes; its "
+                                f"tokenizer or architecture differs: fingerprint {str(saved['fingerprint'])[:16]}...)")
+    if saved.get("name") != lm.spec.name:
+        log.warning("%s was made for LM %r; using it with %r, which has the same sizes, architecture and "
+                    "tokenizer", where, saved.get("name"), lm.spec.name)
 
 
 def save_artifact(kind: ArtifactKind, out_dir: str | Path, tensors: dict[str, Tensor], meta: dict) -> Path:

