@@ -5,7 +5,7 @@ Every input is laid out left-padded as ``[pad ; prefix_i ; prompt_i ; target_i]`
 last-token logits drift otherwise). Left padding puts every target at the end of the row, so the
 logits that predict target token ``j`` of row ``i`` sit at ``T - len_i + j - 1`` for all rows.
 
-``generate()`` and ``score()`` feed prefixes as cached attention keys/values instead
+The text ``generate()`` and ``score()`` feed prefixes as cached attention keys/values instead
 (``recipe.prefix_cache``): same results, but only the prompts (and targets) are run through the
 model, and a prefix retrieved again is not recomputed. ``target_logprobs`` (differentiable, used
 in training) keeps the inline layout.
@@ -14,7 +14,8 @@ A :class:`Prefix` says WHAT to put before a prompt: learned vectors and/or token
 all embedding (:meth:`EditedLM.prefix_embeddings`), so calls go one way: RECIPE plugs in through
 ``prefix_provider``, a callable that maps the prompt texts (the question only, never teacher-forced
 answer tokens) to one :class:`Prefix` or ``None`` per prompt. With no prefixes the output equals the
-base model's own ``generate`` (a test shows it).
+base model's own ``generate`` (a test shows it). ``generate(input_ids=..., **kwargs)``, the wrapped
+model's own signature, is :mod:`recipe.hf_generate`.
 """
 from __future__ import annotations
 

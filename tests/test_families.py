@@ -180,3 +180,20 @@ def test_a_local_copy_of_smollm2_runs_recipe_and_mend():
         editor.edit([EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")])
         assert lm.score(["The mother tongue of Danielle Darrieux is"], ["English"])[0].accuracy == 1.0
         editor.rollback()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_with_a_prefix_puts_it_at_the_right_positions(model_type):
+    # The first new token of the model's own generate signature (prefix as inputs_embeds, positions from the
+    # mask) equals the argmax of one forward over [prefix ; prompt] with explicit position ids.
+    from recipe.lm import Prefix
+
+    lm = tiny_of(model_type)
+    prompts = ["The capital of France is", "Hey Jude"]  # different lengths: left padding
+    prefixes = [Prefix(vectors=torch.randn(3, H, generator=torch.Generator().manual_seed(1))), None]
+    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True)
+    ids = lm.generate(**enc, prefixes=prefixes, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    embeds, mask, pos = lm.embed(prompts, prefixes)
+    want = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+    assert torch.equal(ids[:, -1], want)
+    assert torch.equal(ids[:, :-1], enc.input_ids)
