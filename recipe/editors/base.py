@@ -197,6 +197,10 @@ class ParamSnapshot:
             param = self.touch(name)
             param.copy_(value.to(param.device, param.dtype))
 
+    def original(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as it was before any edit (its saved clone, or the untouched parameter)."""
+        return self._saved[name] if name in self._saved else self.model.get_parameter(name).detach()
+
 
 def check_tensor(value: object, shape: tuple, where: str) -> torch.Tensor:
     """``value`` if it is a finite tensor of ``shape`` (None in ``shape``: any size), else IncompatibleError."""

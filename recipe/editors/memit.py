@@ -90,20 +90,29 @@ class MEMITEditor(RankOneEditor):
         idxs = [rank_one.fact_index(self.lm, r.prompt, r.subject, self.config.fact_token) for r in requests]
         return rank_one.capture(self.lm, f"{self.lm.spec.layers}.{layer}", texts, idxs, what="output")
 
-    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+    def _values(self, requests: Sequence[EditRequest]) -> list[rank_one.Value]:
+        """δ_i (and v*_i) at the last layer, on the model before this batch (Alg. 1 lines 2-7)."""
         cfg, last = self.config, self.layers[-1]
-        deltas = []
-        for r in requests:  # δ_i on the model before this batch (Alg. 1 lines 2-7)
+        values = []
+        for r in requests:
             key = rank_one.compute_key(self.lm, r, last, self.prefixes, cfg.fact_token)
-            deltas.append(rank_one.compute_value(self.lm, r, last, key, self.prefixes, value_options(cfg),
-                                                 cfg.fact_token, reuse_prefix=self.reuse_inputs).delta)
-        z = self._hidden(requests, last) + torch.stack(deltas)  # target hidden states (n, H)
+            values.append(rank_one.compute_value(self.lm, r, last, key, self.prefixes, value_options(cfg),
+                                                 cfg.fact_token, reuse_prefix=self.reuse_inputs))
+        return values
+
+    def _keys(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
+        """K (d_in, n): each request's key at ``layer``, averaged over the context prefixes."""
+        return torch.stack([rank_one.compute_key(self.lm, r, layer, self.prefixes, self.config.fact_token)
+                            for r in requests], dim=1)
+
+    def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
+        last = self.layers[-1]
+        z = self._hidden(requests, last) + torch.stack([v.delta for v in self._values(requests)])  # targets (n, H)
         for i, layer in enumerate(self.layers):
-            keys = torch.stack([rank_one.compute_key(self.lm, r, layer, self.prefixes, cfg.fact_token)
-                                for r in requests], dim=1)  # K (d_in, n)
+            keys = self._keys(requests, layer)  # K (d_in, n)
             resid = (z - self._hidden(requests, last)).T / (len(self.layers) - i)  # R (d_out, n), Alg. 1 line 9
             weight = self.snapshot.touch(f"{self.lm.spec.mlp_out.format(layer)}.weight")
-            update = memit_layer_update(self.covariance(layer), keys, resid, cfg.mom2_update_weight,
+            update = memit_layer_update(self.covariance(layer), keys, resid, self.config.mom2_update_weight,
                                         self._cov_cholesky(layer))
             with torch.no_grad():
                 weight.add_(update.to(weight.dtype))
