@@ -29,7 +29,9 @@ FAST = {"ft": {"steps": 20, "lr": 5.0e-2, "norm_constraint": 0.0},
         # AlphaEdit: half the tiny model's key space (eigenvalues below 1e-4) is editable; α far below ‖k‖².
         "alphaedit": {"covariance": "random-tokens", "n_cov_samples": 64, "fact_token": "last", "context_templates": 2,
                       "layers": [1, 2], "nullspace_threshold": 1.0e-4, "l2": 1.0e-6, "steps": 30, "kl_factor": 0.0,
-                      "weight_decay": 0.0, "clamp_norm_factor": 100.0}}
+                      "weight_decay": 0.0, "clamp_norm_factor": 100.0},
+        # WISE: routing margins in the tiny model's units (value-matrix inputs of norm ≈ 0.1).
+        "wise": {"layer": 2, "alpha": 0.05, "beta": 0.5, "gamma": 0.3, "steps": 50}}
 CHANGES_MODEL = sorted(set(EDITORS) - {"none"})
 
 
