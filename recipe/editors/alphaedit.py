@@ -9,7 +9,7 @@ For one layer with weight ``W`` (d_out, d_in) and preserved keys ``K0``:
   (``rank_one.KeyCovariance``: the same cached file);
 - ``{U, Λ, Uᵀ} = SVD(K0 K0ᵀ)``; ``Û`` keeps the eigenvectors whose eigenvalues are below
   ``nullspace_threshold`` (the paper takes 1e-2), and ``P = Û Ûᵀ`` (d_in, d_in). Then
-  ``Δ P K0 ≈ 0`` for every ``Δ`` (AlphaEdit §3.2): a perturbation ``ΔP`` leaves the preserved outputs
+  ``Δ P K0 ≈ 0`` for every ``Δ`` (AlphaEdit, null-space projection): a perturbation ``ΔP`` leaves the preserved outputs
   ``W K0`` unchanged;
 - the update that writes the new keys ``K1`` (d_in, n) onto the residuals ``R`` (d_out, n) while
   keeping the keys of earlier edits ``K_p`` where they are (sequential editing) is (AlphaEdit eq. 14)
@@ -56,7 +56,7 @@ class AlphaEditConfig(EditorConfig):
     steps: int = 25  # Adam steps of the δ optimisation at the last layer
     lr: float = 0.5  # Adam learning rate on δ
     kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a"
-    weight_decay: float = 0.5  # weight of ‖δ‖²/‖m‖²
+    weight_decay: float = 1.0e-3  # weight of ‖δ‖²/‖m‖² (as ROME/MEMIT on SmolLM2: GPT-2 XL's 0.5 held δ back)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖
     stop_loss: float = 5.0e-2  # stop δ steps once the mean target NLL is below this
     nullspace_threshold: float = 1.0e-2  # eigenvalues of K0 K0ᵀ below this span the editable null space (paper: 1e-2)
@@ -67,7 +67,7 @@ class AlphaEditConfig(EditorConfig):
 
 
 def null_space_projector(cov: Tensor, threshold: float) -> Tensor:
-    """P = Û Ûᵀ (AlphaEdit §3.2) from ``cov`` = K0 K0ᵀ (d, d): float64 (d, d).
+    """P = Û Ûᵀ (AlphaEdit, null-space projection) from ``cov`` = K0 K0ᵀ (d, d): float64 (d, d).
 
     ``{U, Λ, Uᵀ} = SVD(K0 K0ᵀ)``; for a symmetric positive semi-definite matrix the SVD is its
     eigendecomposition, computed here with ``eigh``. ``Û``: the eigenvectors of eigenvalues < ``threshold``.

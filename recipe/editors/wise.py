@@ -4,7 +4,7 @@ for Lifelong Model Editing of Large Language Models").
 The MLP output projection of one layer (``spec.mlp_out``, the value matrix ``W``, (d_out, d_in)) is
 swapped for a :class:`WiseMemory` that keeps ``W`` as the *main memory*, untouched, and edits copies
 of it, the *side memories*. For an input whose value-matrix input is ``A(x)`` (T, d_in), the activation
-score of a side memory ``W'`` is (WISE §3.2)
+score of a side memory ``W'`` is (WISE, memory routing)
 
     Δ_act(x) = ‖A(x) · (W' − W)ᵀ‖₂,   averaged over the query's tokens,
 
@@ -12,7 +12,7 @@ and the router sends ``x`` to the side memory with the largest score if that exc
 main memory. ``ε = act_ratio · min_e Δ_act(x_e)`` over the edits ``x_e`` written so far.
 
 Editing one request trains the current side memory (a *knowledge shard*) with SGD on the target's
-teacher-forced NLL plus the routing margin loss (WISE eq. 5)
+teacher-forced NLL plus the paper's routing margin loss
 
     L_a = max(0, Δ_act(x_i) − α) + max(0, β − Δ_act(x_e)) + max(0, γ − (Δ_act(x_e) − Δ_act(x_i)))
 
@@ -20,7 +20,7 @@ with ``x_i`` an irrelevant input (:data:`IRRELEVANT`), its gradient masked to a 
 (``mask_ratio``) of the shard's entries, drawn per shard, and every entry kept within
 ``norm_constraint`` of ``W``. A shard holds ``shard_size`` edits; then a fresh one starts from ``W``
 with a new mask. Every ``shards_per_merge`` full shards are merged into one side memory by TIES
-(:func:`ties_merge`, WISE §3.3): the side memory merged before joins with weight ``side_weight``.
+(:func:`ties_merge`; WISE, knowledge sharding and merging): the side memory merged before joins with weight ``side_weight``.
 Until a merge, full shards route as side memories of their own, so every edit is visible at once.
 
 Routing sees what the causal model sees: at token ``t`` the score is the mean over the row's tokens up
@@ -227,7 +227,7 @@ class WiseEditor(Editor):
                 nll = -(logp * tmask).sum() / tmask.sum()
                 act_e = memory.activation(x_edit, shard).mean()  # Δ_act(x_e)
                 act_i = memory.activation(x_irrelevant, shard).mean()  # Δ_act(x_i)
-                margin = F.relu(act_i - cfg.alpha) + F.relu(cfg.beta - act_e) + F.relu(cfg.gamma - (act_e - act_i))  # eq. 5
+                margin = F.relu(act_i - cfg.alpha) + F.relu(cfg.beta - act_e) + F.relu(cfg.gamma - (act_e - act_i))  # L_a
                 if nll.item() < cfg.stop_loss and margin.item() == 0:
                     break
                 opt.zero_grad(set_to_none=True)
@@ -250,7 +250,7 @@ class WiseEditor(Editor):
         return self._mask[1]
 
     def _merge(self, memory: WiseMemory) -> None:
-        """Side memory ← W + TIES(τ of the full shards, and of the earlier side memory) (WISE §3.3)."""
+        """Side memory ← W + TIES(τ of the full shards, and of the earlier side memory)."""
         W, n = memory.proj.weight.detach(), len(memory.pending)
         taus = [s - W for s in memory.pending]
         weights = [1.0 / n] * n
