@@ -34,7 +34,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ class AlphaEditConfig(EditorConfig):
     norm_anchor: bool = False  # rescale each solved value vector to the unedited weights' value norm there
     covariance: str = "wikitext"  # key statistics source: one of rank_one.COVARIANCE_SOURCES
     n_cov_samples: int = 2000  # text samples behind K0 K0ᵀ = E[k kᵀ]
+    counts: ClassVar[tuple[str, ...]] = ("context_templates", "steps", "n_cov_samples")
 
 
 def null_space_projector(cov: Tensor, threshold: float) -> Tensor:

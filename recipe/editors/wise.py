@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ class WiseConfig(EditorConfig):
     density: float = 0.53  # TIES: fraction of each task vector's largest entries kept
     side_weight: float = 0.6  # TIES weight of the earlier side memory against the new shards (theirs: 1 − this)
     seed: int = 0  # seed of the shards' gradient masks
+    counts: ClassVar[tuple[str, ...]] = ("steps", "shard_size", "shards_per_merge")
 
 
 def ties_merge(task_vectors: Sequence[Tensor], weights: Sequence[float], density: float) -> Tensor:
@@ -156,9 +157,6 @@ class WiseEditor(Editor):
         if not (0 < cfg.mask_ratio <= 1 and 0 < cfg.density <= 1 and 0 <= cfg.side_weight < 1):
             raise RecipeError(f"wise needs 0 < mask_ratio <= 1, 0 < density <= 1 and 0 <= side_weight < 1, got "
                               f"{cfg.mask_ratio}, {cfg.density}, {cfg.side_weight}")
-        for name in ("steps", "shard_size", "shards_per_merge"):
-            if getattr(cfg, name) < 1:
-                raise RecipeError(f"wise needs {name} >= 1, got {getattr(cfg, name)}")
         self.layer = self.default_layer(cfg.layer)
         self.path = self.lm.spec.mlp_out.format(self.layer)
         if not isinstance(self.lm.module(self.path), nn.Linear):
