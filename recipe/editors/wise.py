@@ -275,12 +275,9 @@ class WiseEditor(Editor):
         return lambda: self.load_state_dict(state)
 
     def state_dict(self) -> dict:
-        memory = self.memory
-        saved = {} if memory is None else {"side": memory.side, "pending": list(memory.pending), "shard": memory.shard,
-                                           "shard_edits": memory.shard_edits}
-        saved = {k: v.cpu().clone() if isinstance(v, Tensor) else v for k, v in saved.items()}
-        if "pending" in saved:
-            saved["pending"] = [p.cpu().clone() for p in saved["pending"]]
+        memory, copy = self.memory, lambda t: None if t is None else t.detach().cpu().clone()
+        saved = {} if memory is None else {"side": copy(memory.side), "pending": [copy(p) for p in memory.pending],
+                                           "shard": copy(memory.shard), "shard_edits": memory.shard_edits}
         return {**super().state_dict(), "layer": self.layer, "shards_started": self.shards_started,
                 "edit_acts": list(self.edit_acts), "memory": saved}
 
