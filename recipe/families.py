@@ -64,6 +64,7 @@ def default_edit_layers(n_layers: int) -> dict[str, int | list[int]]:
     - memit: five consecutive layers from one below ROME's (MEMIT's GPT-J 3-8; SmolLM2: 4-8), clipped;
     - ft, ftm: ``int(0.7 n)`` (measured: SmolLM2 21 of 30, Gemma-3 12 of 18);
     - grace: ``int(0.8 n)`` (measured: SmolLM2 24 of 30);
+    - wise: WISE's depth on LLaMA-2-7B, 27 of 32 (SmolLM2: 25 of 30);
     - tpatcher: the last layer (T-Patcher patches the last FFN);
     - mend: the last three layers (MEND edits the last MLPs; it still needs a trained hypernetwork).
     """
@@ -72,6 +73,7 @@ def default_edit_layers(n_layers: int) -> dict[str, int | list[int]]:
     last, rome = n_layers - 1, n_layers // 6
     return {"rome": rome, "memit": list(range(max(0, rome - 1), min(last, rome + 3) + 1)),
             "ft": int(0.7 * n_layers), "ftm": int(0.7 * n_layers), "grace": int(0.8 * n_layers),
+            "wise": min(last, round(27 * n_layers / 32)),
             "tpatcher": last, "mend": list(range(max(0, n_layers - 3), n_layers))}
 
 

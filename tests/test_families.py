@@ -69,9 +69,9 @@ def test_every_listed_architecture_has_a_family():
 
 def test_edit_layers_follow_depth():
     assert default_edit_layers(30) == {"rome": 5, "memit": [4, 5, 6, 7, 8], "ft": 21, "ftm": 21, "grace": 24,
-                                       "tpatcher": 29, "mend": [27, 28, 29]}  # SmolLM2's measured choices
+                                       "wise": 25, "tpatcher": 29, "mend": [27, 28, 29]}  # SmolLM2's measured choices
     assert default_edit_layers(6) == {"rome": 1, "memit": [0, 1, 2, 3, 4], "ft": 4, "ftm": 4, "grace": 4,
-                                      "tpatcher": 5, "mend": [3, 4, 5]}
+                                      "wise": 5, "tpatcher": 5, "mend": [3, 4, 5]}
     with pytest.raises(ValueError, match="at least one"):
         default_edit_layers(0)
 
