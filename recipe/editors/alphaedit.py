@@ -196,7 +196,7 @@ class AlphaEditEditor(MEMITEditor):
         self.prior_keys.clear()
 
     def state_dict(self) -> dict:
-        prior = {str(layer): kkt.cpu() for layer, kkt in self.prior_keys.items()}
+        prior = {str(layer): kkt.detach().cpu().clone() for layer, kkt in self.prior_keys.items()}
         return {**super().state_dict(), "prior_keys": prior}
 
     def load_state_dict(self, state: dict) -> None:
