@@ -12,7 +12,7 @@ from recipe.editors.recipe import RecipeConfig
 from recipe.testing import tiny_lm
 from recipe.errors import ConfigError
 from train.data import RecipeDataModule, examples_from_cases
-from train.recipe import TrainConfig, train
+from train.recipe import RecipeTrainConfig, train
 
 ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks": 1, "prompt_width": 32,
         "prompt_blocks": 1, "train_body_layers": 1}
@@ -22,15 +22,15 @@ LOSSES = ["retrieval_edit", "retrieval_sentinel", "retrieval_locality", "reliabi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(tmp_path, **kw) -> TrainConfig:
-    return load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml",
+def tiny_config(tmp_path, **kw) -> RecipeTrainConfig:
+    return load_config(RecipeTrainConfig, configs_dir() / "train" / "recipe.yaml",
                        **{"architecture": ARCH, "batch_size": 4, "precision": "32-true", "wandb": "disabled",
                           "run_dir": str(tmp_path / "run"), "out": str(tmp_path / "artifact"), "val_every": 2,
                           "limit_val_batches": 1, "warmup_steps": 1, **kw})
 
 
 def test_configs_load_strictly():
-    cfg = load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml")
+    cfg = load_config(RecipeTrainConfig, configs_dir() / "train" / "recipe.yaml")
     assert cfg.batch_size == 8 and cfg.architecture.key_dim == 512 and cfg.weights.locality == 1.0
     assert load_config(RecipeConfig, configs_dir() / "editors" / "recipe.yaml").prefix_mode == "vectors+statement"
 
