@@ -52,7 +52,7 @@ class MENDLossWeights:
     locality: float = 1.0  # c_loc: KL(pre-edit || post-edit) on the locality answer tokens (MEND's L_loc)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MENDTrainConfig(TrainConfig):
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     layers: list[int] = field(default_factory=list)  # edited layers; empty: configs/models edit_layers.mend

@@ -38,7 +38,7 @@ from train.module import LossWeights, RecipeModule
 log = logging.getLogger("train.recipe")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RecipeTrainConfig(TrainConfig):
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # shapes of the networks

@@ -33,7 +33,7 @@ from train.recipe import fit, run_cli
 Pair = tuple[str, str, float]  # (query, statement, label)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VerifierTrainConfig(TrainConfig):
     architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)  # the cross-encoder's shape
     positives: int = 3  # generality probes per edit (besides its prompt)
