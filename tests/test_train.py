@@ -101,14 +101,15 @@ def test_losses_with_targets_and_locality_answers_of_different_lengths():
 
 def _locality_kl_row_by_row(module, batch) -> float:
     """Σ over locality answer tokens of KL(base || prefixed), divided by their count, one row per forward."""
-    from recipe.editors.recipe import build_prefix, statement_token_ids
+    from recipe.editors.recipe import edit_prefix
+    from recipe.retrieval.statements import statement_token_ids
     from train.module import target_logits
 
     lm, networks, total, count = module.lm, module.networks, 0.0, 0
     with torch.no_grad():
         for e in [e for e in batch if e.locality_prompt is not None]:
             vectors = networks.prompt_encoder(networks.encoder.knowledge_head(networks.encoder.features([e.statement])))
-            prefix = build_prefix(lm, vectors[0], statement_token_ids(lm, e.statement, module.separator))
+            prefix = edit_prefix(vectors[0], statement_token_ids(lm, e.statement, module.separator))
             prefixed = torch.log_softmax(target_logits(lm, [e.locality_prompt], [e.locality_answer], [prefix])[0], -1)
             base = torch.log_softmax(target_logits(lm, [e.locality_prompt], [e.locality_answer], None)[0], -1)
             total += (base.exp() * (base - prefixed)).sum().item()  # (1, L, V) -> Σ over slots and vocabulary
