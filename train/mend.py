@@ -54,6 +54,8 @@ class MENDLossWeights:
 
 @dataclass(kw_only=True)
 class MENDTrainConfig(TrainConfig):
+    """MEND's trainer; the shared settings are documented in train.config.TrainConfig."""
+
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     layers: list[int] = field(default_factory=list)  # edited layers; empty: configs/models edit_layers.mend
     architecture: MENDArchitecture = field(default_factory=MENDArchitecture)  # g's shape and the initial α

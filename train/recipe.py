@@ -40,6 +40,8 @@ log = logging.getLogger("train.recipe")
 
 @dataclass(kw_only=True)
 class RecipeTrainConfig(TrainConfig):
+    """RECIPE's trainer; the shared settings are documented in train.config.TrainConfig."""
+
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # shapes of the networks
     prefix_mode: PrefixMode = "vectors+statement"  # what the LM sees: l vectors [+ the statement's tokens]

@@ -35,6 +35,8 @@ Pair = tuple[str, str, float]  # (query, statement, label)
 
 @dataclass(kw_only=True)
 class VerifierTrainConfig(TrainConfig):
+    """The EditVerifier's trainer; the shared settings are documented in train.config.TrainConfig."""
+
     architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)  # the cross-encoder's shape
     positives: int = 3  # generality probes per edit (besides its prompt)
     negatives: int = 3  # locality probes per edit (besides one other edit's prompt)
