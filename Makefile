@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the main job (bundled SmolLM2, built-in demo edits)
-# make test: set up .venv and run the test suite
+# make test: set up .venv and run the whole test suite (real bundled models included: what CI runs)
+# make test-fast: the tiny random model only, no test marked slow (a few minutes on 2 CPU cores)
 .PHONY: setup demo test test-fast
 setup:
 	bash scripts/setup.sh

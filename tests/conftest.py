@@ -28,12 +28,31 @@ def data_dir() -> Path:
     return path
 
 
-@pytest.fixture
-def tiny():
-    """A fresh tiny random Llama wrapped in EditedLM (built in code, no downloads)."""
+@pytest.fixture(scope="session")
+def _tiny_built():
+    """The tiny model, built once per test run, and the torch RNG state right after building it."""
+    import torch
+
     from recipe.testing import tiny_lm
 
-    return tiny_lm()
+    lm = tiny_lm()
+    return lm, torch.get_rng_state()
+
+
+@pytest.fixture
+def tiny(_tiny_built):
+    """A fresh tiny random Llama wrapped in EditedLM (built in code, no downloads).
+
+    Each test gets its own deep copy, so edits to its weights stay in that test, and the torch RNG
+    is where ``tiny_lm()`` leaves it, so random draws after the fixture match a fresh build.
+    """
+    import copy
+
+    import torch
+
+    lm, rng_state = _tiny_built
+    torch.set_rng_state(rng_state)
+    return copy.deepcopy(lm)
 
 
 @pytest.fixture(scope="module")

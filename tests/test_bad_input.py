@@ -126,7 +126,7 @@ def test_resuming_never_runs_code_from_a_planted_checkpoint(trainer, tmp_path, m
     from train.recipe import fit
 
     module = importlib.import_module(f"train.{trainer}")
-    config_cls = {"recipe": "TrainConfig", "mend": "MENDTrainConfig", "verifier": "VerifierTrainConfig"}[trainer]
+    config_cls = {"recipe": "RecipeTrainConfig", "mend": "MENDTrainConfig", "verifier": "VerifierTrainConfig"}[trainer]
     cfg = getattr(module, config_cls)(run_dir=str(tmp_path / "run"), wandb="disabled", precision="32-true",
                                       max_steps=2, accelerator="cpu", devices=1)
     marker = tmp_path / "code-ran"

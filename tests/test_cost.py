@@ -22,16 +22,20 @@ def test_small_cost_run_writes_json_table_and_plot(tmp_path, data_dir, editor, b
     assert bench.main(argv) == 0
     r = json.loads((out / f"{editor}.json").read_text())
     assert r["editor"] == editor and r["edits"] == 3 and r["new_tokens"] == 2
-    assert 0 < r["edit_ms_median"] <= r["edit_ms_p95"]
-    assert r["score_ms_per_query"] > 0 and r["rss_peak_mb"] >= r["rss_loaded_mb"] > 0
+    assert r["edit_ms_median"] <= r["edit_ms_p95"] and r["rss_peak_mb"] >= r["rss_loaded_mb"]
+    assert {"score_ms_per_query", "score_ms_per_query_unedited"} <= set(r)
     for side in ("generate_unedited", "generate_edited"):
-        assert set(r[side]) == {"batch1_s_per_prompt", "batch16_s_per_batch"} and min(r[side].values()) > 0
-    assert all(v > 0 for v in r["generate_ratio"].values())
+        assert set(r[side]) == {"batch1_s_per_prompt", "batch16_s_per_batch"}
+    # the ratios are edited / unedited time of the same loop (interleaved where the weights stay untouched)
+    timed = r.get("generate_interleaved", {"base": r["generate_unedited"], "edited": r["generate_edited"]})
+    ratios = {"generate_ratio": "edited", **({"generate_ratio_cold": "edited_cold"} if "edited_cold" in timed else {})}
+    for key, side in ratios.items():
+        assert r[key] == pytest.approx({k: timed[side][k] / timed["base"][k] for k in timed["base"]})
     # 3 edit prompts + 3 unrelated; RECIPE retrieves a prefix for the edit prompts and (ideally) not the others
     assert r["generate_prompts"]["edit_prompts"] == 3 and r["generate_prompts"]["unrelated"] == 3
     if editor == "recipe":
         assert set(r["generate_interleaved"]) == {"base", "edited", "edited_cold"}
-        assert 3 <= r["generate_prompts"]["retrieved_prefix"] <= 6 and min(r["generate_ratio_cold"].values()) > 0
+        assert 3 <= r["generate_prompts"]["retrieved_prefix"] <= 6
     assert bench.main(["--report", "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
     assert f"| {editor} | 3 |" in table and (out / "cost.png").stat().st_size > 0

@@ -1,5 +1,7 @@
 """The sequential-edit loop on the tiny model: protocol, outputs, metrics and rollback."""
 import json
+import statistics
+import time
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from recipe.editors import load_editor
 from recipe.errors import RecipeError
 from recipe.eval.metrics import exact_match
 from recipe.eval.report import format_table, plot_metrics
-from recipe.eval.sequential import run_sequential, seeded_order
+from recipe.editors.state_file import load_state
+from recipe.eval.sequential import _queries, run_sequential, seeded_order
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,11 @@ def test_none_editor_rounds_outputs_and_perfect_locality(tiny, demo_cases, tmp_p
     result = run_sequential(tiny, editor, demo_cases, [1, 2], n_cases=4, out_dir=tmp_path, progress=False)
     s1, s2 = result.summaries[1], result.summaries[2]
     assert (s1["rounds"], s2["rounds"]) == (4, 2)
-    assert s1["queries"] > 0 and s1["score_ms_per_query"] > 0
+    chosen = seeded_order(demo_cases, 0)[:4]
+    assert s1["queries"] == len(_queries(chosen)) and "score_ms_per_query" in s1  # every probe of every case
     assert s1["tf"]["locality"] == 1.0 and s1["em"]["locality"] == 1.0
-    assert 0.0 <= s1["tf"]["reliability"] <= 1.0
+    base = tiny.score([c.request.prompt for c in chosen], [c.request.target_new for c in chosen])
+    assert s1["tf"]["reliability"] == pytest.approx(sum(b.accuracy for b in base) / 4)  # nothing written
     for T in (1, 2):
         lines = (tmp_path / f"T{T}.jsonl").read_text().splitlines()
         assert len(lines) == 4
@@ -255,13 +260,13 @@ def test_a_round_that_kept_its_state_is_not_edited_again(tiny, one_thread, demo_
     monkeypatch.setattr(seq, "_score_queries", real)
     again = ft()
     again.edit = lambda requests: pytest.fail("the kept state after all 4 edits should be loaded instead")
+    kept_times = load_state(tmp_path / "state-T4")[1]["edit_times"]
     resumed = run_sequential(tiny, again, demo_cases, [4], resume=True, **kw).summaries[4]
     assert resumed["tf"] == pytest.approx(full["tf"], abs=1e-6)
-    assert resumed["edit_time_s"]["median"] > 0  # the kept edit times, not an empty list
+    assert len(kept_times) == 4 and resumed["edit_time_s"]["median"] == statistics.median(kept_times)
 
 
 def test_saved_state_stands_for_its_edits_in_general(tiny, one_thread, demo_cases, tmp_path):
-    from recipe.editors.state_file import load_state
     from recipe.eval.general import Choice, run_general
 
     items = {"csqa": [Choice("The capital of France is?", ("Paris", "Rome", "Oslo"), 0)]}
@@ -283,12 +288,14 @@ def test_saved_state_stands_for_its_edits_in_general(tiny, one_thread, demo_case
 
 def test_scoring_in_chunks_with_a_bar_gives_the_same_scores(tiny, one_thread, demo_cases):
     from recipe.eval.metrics import generate_for, generation_budget
-    from recipe.eval.sequential import _queries, _score_queries
+    from recipe.eval.sequential import _score_queries
 
     tiny.max_batch = 2  # chunks of 32 queries: several chunks and a ragged last one
     qs = _queries(demo_cases[:25])
     assert len(qs) > 2 * 32 and len(qs) % 32
+    start = time.perf_counter()
     scores, gens, secs = _score_queries(tiny, qs, free_generation=True, progress=True, desc="test: ")
+    wall = time.perf_counter() - start
     assert scores == tiny.score([q.prompt for q in qs], [q.target for q in qs])
     assert gens == generate_for(tiny, [q.prompt for q in qs], [generation_budget(tiny, q.answers) for q in qs])
-    assert min(secs) > 0
+    assert len(secs) == 2 and sum(secs) <= wall  # scoring and generating, each timed inside the call

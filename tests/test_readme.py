@@ -5,7 +5,6 @@ import importlib.util
 import re
 
 import pytest
-import torch
 
 from tests.conftest import REPO
 
@@ -23,13 +22,13 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, one_thread):
         exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
     lm, recipe_editor = scope["lm"], scope["recipe_editor"]
     assert lm.prefix_provider is None and len(recipe_editor.repository) == 0  # rolled back at the end
-    base = lm.generate(["The capital of France is"], max_new_tokens=4)[0]
+    prompts = ["Danielle Darrieux's mother tongue is", "The capital of France is"]
+    base = lm.generate(prompts[1:], max_new_tokens=4)[0]
+    before = lm.score(prompts, ["English", "Paris"])
     recipe_editor.load("my-edits")  # the saved edit is back: the paraphrase gets its prefix, the other prompt none
-    out = lm.generate(["Danielle Darrieux's mother tongue is", "The capital of France is"],
-                      max_new_tokens=4)
+    out = lm.generate(prompts, max_new_tokens=4)
     assert [r.edit_id for r in recipe_editor.last_retrieval] == [scope["ids"][0], None]
     assert "English" in out[0] and out[1] == base  # the rejected prompt: the base model's continuation
+    assert lm.score(prompts, ["English", "Paris"])[0] != before[0]  # the edit's prefix is in use
     recipe_editor.rollback()
-    probe = lm.tokenizer(["The capital of France is"], return_tensors="pt")
-    with torch.no_grad():
-        assert torch.isfinite(lm.model(**probe).logits).all()
+    assert lm.score(prompts, ["English", "Paris"]) == before  # the base model's log-probabilities, bit for bit

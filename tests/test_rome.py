@@ -48,7 +48,7 @@ def test_value_with_the_frozen_prefix_equals_full_forwards(tiny, fact_token):
     # Columns before the fact token are run once and reused as keys/values: same δ and NLL as
     # running the whole batch at every step, on rows of different lengths (left padding).
     request = EditRequest("In a short note, the capital of France is", "Rome", subject="France")
-    opts = rank_one.ValueOptions(steps=6, kl_factor=0.1, clamp_norm_factor=100.0, stop_loss=0.0)
+    opts = rank_one.ValueOptions(steps=6, lr=0.5, kl_factor=0.1, weight_decay=0.5, clamp_norm_factor=100.0, stop_loss=0.0)
     key = rank_one.compute_key(tiny, request, 1, rank_one.CONTEXT_PREFIXES[:3], fact_token)
     full, reused = (rank_one.compute_value(tiny, request, 1, key, rank_one.CONTEXT_PREFIXES[:3], opts, fact_token,
                                            reuse_prefix=r) for r in (False, True))

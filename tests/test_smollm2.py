@@ -78,11 +78,13 @@ def test_shipped_recipe_checkpoint_edits_and_leaves_unrelated_prompts_alone(lm):
 
     cases = load_dataset("demo")[:8]
     unrelated = [c.locality[0].prompt for c in cases]
+    edit_prompts, targets = [c.request.prompt for c in cases], [c.request.target_new for c in cases]
     base = lm.generate(unrelated, max_new_tokens=6)
+    base_scores = lm.score(edit_prompts, targets)
     editor = load_editor("recipe", lm)  # configs/editors/recipe.yaml -> checkpoints/recipe-smollm2
     for c in cases:
         editor.edit(c.requests)
-    scores = lm.score([c.request.prompt for c in cases], [c.request.target_new for c in cases])
+    scores = lm.score(edit_prompts, targets)
     assert sum(s.accuracy for s in scores) / len(scores) >= 0.9
     after = lm.generate(unrelated, max_new_tokens=6)
     rejected = [i for i, r in enumerate(editor.last_retrieval) if r.edit_id is None]
@@ -90,3 +92,4 @@ def test_shipped_recipe_checkpoint_edits_and_leaves_unrelated_prompts_alone(lm):
     assert all(after[i] == base[i] for i in rejected)  # no prefix at all -> identical output
     editor.rollback()
     assert lm.prefix_provider is None
+    assert lm.score(edit_prompts, targets) == base_scores  # the base model's log-probabilities, bit for bit

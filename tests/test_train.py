@@ -12,7 +12,7 @@ from recipe.editors.recipe import RecipeConfig
 from recipe.testing import tiny_lm
 from recipe.errors import ConfigError
 from train.data import RecipeDataModule, examples_from_cases
-from train.recipe import TrainConfig, train
+from train.recipe import RecipeTrainConfig, train
 
 ARCH = {"encoder": "tiny-bert", "key_dim": 32, "head_hidden": 64, "head_blocks": 1, "prompt_width": 32,
         "prompt_blocks": 1, "train_body_layers": 1}
@@ -22,15 +22,15 @@ LOSSES = ["retrieval_edit", "retrieval_sentinel", "retrieval_locality", "reliabi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(tmp_path, **kw) -> TrainConfig:
-    return load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml",
+def tiny_config(tmp_path, **kw) -> RecipeTrainConfig:
+    return load_config(RecipeTrainConfig, configs_dir() / "train" / "recipe.yaml",
                        **{"architecture": ARCH, "batch_size": 4, "precision": "32-true", "wandb": "disabled",
                           "run_dir": str(tmp_path / "run"), "out": str(tmp_path / "artifact"), "val_every": 2,
                           "limit_val_batches": 1, "warmup_steps": 1, **kw})
 
 
 def test_configs_load_strictly():
-    cfg = load_config(TrainConfig, configs_dir() / "train" / "recipe.yaml")
+    cfg = load_config(RecipeTrainConfig, configs_dir() / "train" / "recipe.yaml")
     assert cfg.batch_size == 8 and cfg.architecture.key_dim == 512 and cfg.weights.locality == 1.0
     assert load_config(RecipeConfig, configs_dir() / "editors" / "recipe.yaml").prefix_mode == "vectors+statement"
 
@@ -50,15 +50,21 @@ def test_fast_dev_run_logs_every_loss_and_exports_a_loadable_artifact(tmp_path):
         assert torch.isfinite(torch.tensor(result.metrics[f"train/loss/{name}"]))
         assert f"val/loss/{name}" in result.metrics
     for name in ["train/retrieval/top1", "train/sentinel/reject_locality", "train/sentinel/accept_paraphrase"]:
-        assert 0.0 <= result.metrics[name] <= 1.0
+        assert name in result.metrics
 
     exported = load_file(str(result.artifact / RECIPE.weights_file))
-    assert all(v.dtype == torch.float16 for v in exported.values())
     editor = load_editor("recipe", lm, checkpoint=str(result.artifact), sentinel_mode="fixed", threshold=-1.0e9)
+    assert set(exported) == set(editor.networks.artifact_state())  # every trained tensor, nothing else
+    assert {v.dtype for v in exported.values()} == {torch.float16}
     loaded = editor.networks.state_dict()
     assert all(torch.equal(loaded[k], v.float()) for k, v in exported.items())
+    query = ["The Eiffel Tower is located in the city of"]
+    base = lm.score(query, ["Rome"])[0]
     ids = editor.edit(load_dataset("demo", limit=2)[0].requests)
-    assert lm.score(["The Eiffel Tower is located in the city of"], ["Rome"]) and editor.last_retrieval[0].edit_id == ids[0]
+    edited = lm.score(query, ["Rome"])[0]
+    assert editor.last_retrieval[0].edit_id == ids[0]  # the fixed threshold accepts the only entry
+    assert edited.logprobs != base.logprobs  # ... and its prefix reaches the LM
+    assert lm.score(query, ["Rome"], prefixes=None)[0] == base  # without the prefix: the base model
 
 
 def test_training_resumes_from_last_checkpoint(tmp_path):
@@ -79,7 +85,7 @@ def test_losses_with_targets_and_locality_answers_of_different_lengths():
     from train.module import RecipeModule
 
     lm = tiny_lm()
-    module = RecipeModule(lm, RecipeNetworks.build(lm, RecipeArchitecture(**ARCH)))
+    module = RecipeModule(lm, RecipeNetworks.build(lm, RecipeArchitecture(**ARCH))).eval()  # no dropout: comparable
     batch = [TrainExample("The capital of France is", "the city of Rome in Italy", "France's capital is",
                           "Big Ben is located in", "London"),
              TrainExample("Hey Jude was performed by", "Madonna", "Hey Jude is a song by", None, None),
@@ -87,9 +93,28 @@ def test_losses_with_targets_and_locality_answers_of_different_lengths():
                           "Mount Everest is the highest mountain on", "Earth and in the whole world")]
     loss, logs = module._step(batch)
     assert torch.isfinite(loss) and set(LOSSES) <= {k.split("/", 1)[1] for k in logs if k.startswith("loss/")}
-    assert logs["loss/locality"] >= 0
+    # the batched locality KL (answers of 1 and 6 tokens, one row without) equals the rows' KLs one at a time
+    assert logs["loss/locality"].item() == pytest.approx(_locality_kl_row_by_row(module, batch), rel=1e-4)
     loss.backward()
     assert module.networks.sentinel.r_s.grad is not None and module.networks.prompt_encoder.base.grad is not None
+
+
+def _locality_kl_row_by_row(module, batch) -> float:
+    """Σ over locality answer tokens of KL(base || prefixed), divided by their count, one row per forward."""
+    from recipe.editors.recipe import edit_prefix
+    from recipe.retrieval.statements import statement_token_ids
+    from train.module import target_logits
+
+    lm, networks, total, count = module.lm, module.networks, 0.0, 0
+    with torch.no_grad():
+        for e in [e for e in batch if e.locality_prompt is not None]:
+            vectors = networks.prompt_encoder(networks.encoder.knowledge_head(networks.encoder.features([e.statement])))
+            prefix = edit_prefix(vectors[0], statement_token_ids(lm, e.statement, module.separator))
+            prefixed = torch.log_softmax(target_logits(lm, [e.locality_prompt], [e.locality_answer], [prefix])[0], -1)
+            base = torch.log_softmax(target_logits(lm, [e.locality_prompt], [e.locality_answer], None)[0], -1)
+            total += (base.exp() * (base - prefixed)).sum().item()  # (1, L, V) -> Σ over slots and vocabulary
+            count += base.shape[1]
+    return total / count
 
 
 def test_fine_tuning_starts_from_an_exported_artifact(tmp_path):

@@ -21,7 +21,7 @@ import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 from recipe.config import load_config
 from recipe.errors import ConfigError, RecipeError
@@ -31,48 +31,37 @@ from recipe.lm import EditedLM
 from recipe.retrieval.encoders import RecipeArchitecture
 from recipe.retrieval.sentinel import SentinelMode
 from recipe.types import EditCase
-from train.data import TRAIN_DATASETS, RecipeDataModule
+from train.config import Precision, TrainConfig
+from train.data import RecipeDataModule
 from train.module import LossWeights, RecipeModule
 
 log = logging.getLogger("train.recipe")
-WandbMode = Literal["online", "offline", "disabled"]
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class RecipeTrainConfig(TrainConfig):
+    """RECIPE's trainer; the shared settings are documented in train.config.TrainConfig."""
+
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # shapes of the networks
     prefix_mode: PrefixMode = "vectors+statement"  # what the LM sees: l vectors [+ the statement's tokens]
     statement_separator: str = DEFAULT_SEPARATOR  # after the statement in the prefix, before the query
-    init_from: str | None = None  # an exported artefact folder to start from (fine-tuning); None: fresh networks
     sentinel_mode: SentinelMode = "learned"  # "fixed": constant threshold (ablation)
     threshold: float = 0.0  # the fixed mode's threshold
     weights: LossWeights = field(default_factory=LossWeights)  # loss weights (paper: all 1)
-    datasets: list[str] = field(default_factory=lambda: list(TRAIN_DATASETS))  # training sets (load_dataset names)
     dataset_repeats: dict[str, int] = field(default_factory=dict)  # e.g. {zsre-train: 4}: more weight on small sets
-    data_dir: str | None = None  # dataset folder; None: $RECIPE_DATA_DIR
-    limit_per_dataset: int | None = None  # first N cases of each set (smoke runs)
     val_size: int = 256  # held-out edits for validation
     batch_size: int = 8  # edits per step (paper: 8)
-    lr: float = 1.0e-4  # Adam, heads / prompt encoder / sentinel
+    lr: float = 1.0e-4  # Adam, heads / prompt encoder
     body_lr: float = 2.0e-5  # Adam, the trained layers of the sentence-encoder body
-    sentinel_lr: float = 3.0e-3  # Adam, the sentinel (r_s, b): its threshold must move on the score scale ~sqrt(D)
-    warmup_steps: int = 100  # linear learning-rate warm-up
-    grad_clip: float = 1.0  # gradient-norm clipping; 0 disables
-    max_steps: int = 20000  # optimiser steps
-    val_every: int = 500  # steps between validations and last.ckpt saves
-    limit_val_batches: int = 16  # validation batches per validation
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "bf16-mixed"  # bf16 autocast works on CPU too
-    accelerator: str = "auto"  # "cpu", "gpu", "auto"
-    devices: int | str = "auto"  # number of devices or "auto"
-    strategy: str = "auto"  # e.g. "ddp" on several GPUs
-    num_workers: int = 0  # DataLoader workers
-    seed: int = 0
-    run_dir: str = "runs/recipe-smollm2"  # Lightning checkpoints + W&B files
-    out: str = "checkpoints/recipe-smollm2"  # the exported artefact
-    wandb: WandbMode = "offline"  # overridden by --wandb, then $WANDB_MODE
-    wandb_project: str = "recipe"
-    log_every: int = 10  # steps between logged rows
+    sentinel_lr: float = 3.0e-3  # Adam, the sentinel (r_s, b): moves on the score scale ~sqrt(D); 1e-2 oscillated
+    warmup_steps: int = 100
+    max_steps: int = 20000
+    val_every: int = 500
+    limit_val_batches: int = 16
+    precision: Precision = "bf16-mixed"
+    run_dir: str = "runs/recipe-smollm2"
+    out: str = "checkpoints/recipe-smollm2"
 
 
 @dataclass
@@ -169,7 +158,7 @@ def fit(cfg, module, *, fast_dev_run: bool, resume: bool, progress: bool, fit_kw
     return trainer
 
 
-def train(cfg: TrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditCase] | None = None,
+def train(cfg: RecipeTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[EditCase] | None = None,
           fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> TrainResult:
     """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt`` when present) and export the artefact.
 
@@ -237,7 +226,7 @@ def run_cli(argv: Sequence[str] | None, *, prog: str, doc: str, config_cls: type
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, prog="python -m train.recipe", doc=__doc__, config_cls=TrainConfig,
+    return run_cli(argv, prog="python -m train.recipe", doc=__doc__, config_cls=RecipeTrainConfig,
                    default_config="configs/train/recipe.yaml", train_fn=train)
 
 

@@ -19,7 +19,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,42 +27,31 @@ import torch.nn.functional as F
 from recipe.artifacts import load_verifier, save_verifier
 from recipe.retrieval.verifier import EditVerifier, VerifierArchitecture
 from recipe.types import EditCase
-from train.data import TRAIN_DATASETS
+from train.config import Precision, TrainConfig
 from train.recipe import fit, run_cli
 
 Pair = tuple[str, str, float]  # (query, statement, label)
 
 
-@dataclass
-class VerifierTrainConfig:
-    architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)
-    init_from: str | None = None  # an exported verifier to continue from
-    datasets: list[str] = field(default_factory=lambda: list(TRAIN_DATASETS))
-    data_dir: str | None = None  # None: $RECIPE_DATA_DIR
-    limit_per_dataset: int | None = None
+@dataclass(kw_only=True)
+class VerifierTrainConfig(TrainConfig):
+    """The EditVerifier's trainer; the shared settings are documented in train.config.TrainConfig."""
+
+    architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)  # the cross-encoder's shape
     positives: int = 3  # generality probes per edit (besides its prompt)
     negatives: int = 3  # locality probes per edit (besides one other edit's prompt)
     val_fraction: float = 0.05  # held-out share of the edits
     threshold: float = 0.5  # written to the artefact: accept when p > threshold
-    batch_size: int = 32
-    lr: float = 1.0e-3  # head
-    body_lr: float = 3.0e-5  # trained body layers
+    batch_size: int = 32  # (query, statement) pairs per step
+    lr: float = 1.0e-3  # Adam, the head
+    body_lr: float = 3.0e-5  # Adam, the trained body layers
     warmup_steps: int = 30
-    grad_clip: float = 1.0
     max_steps: int = 600
     val_every: int = 100
     limit_val_batches: int = 20
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
+    precision: Precision = "32-true"
     run_dir: str = "runs/verifier"
     out: str = "checkpoints/recipe-verifier"
-    wandb: Literal["online", "offline", "disabled"] = "offline"
-    wandb_project: str = "recipe"
-    log_every: int = 10
 
 
 def case_pairs(cases: Sequence[EditCase], positives: int, negatives: int, seed: int) -> list[Pair]:

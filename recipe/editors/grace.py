@@ -54,7 +54,7 @@ SAME_KEY = 1.0e-5  # relative distance under which two keys count as the same in
 @dataclass
 class GraceConfig(EditorConfig):
     layer: int | None = None  # layer whose MLP output projection holds the codebook; None: edit_layers.grace
-    eps_init: float = 8.0  # radius of a new entry, in the projection input's units (calibrate per model/layer)
+    eps_init: float = 8.0  # radius of a new entry (SmolLM2 layer 24: a zsRE paraphrase lies ~6-8 from its key)
     steps: int = 100  # most Adam steps per value
     lr: float = 0.5  # Adam learning rate on the value
     stop_loss: float = 5.0e-2  # stop once the target's mean NLL is below this

@@ -152,14 +152,14 @@ def compute_key(lm: EditedLM, request: EditRequest, layer: int, context_prefixes
 # ---- values ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ValueOptions:
-    """Settings of the v* optimisation (ROME §3.1, eq. 4)."""
+    """Settings of the v* optimisation (ROME §3.1, eq. 4); the defaults live in ``rome.RankOneConfig``."""
 
-    steps: int = 20  # Adam steps
-    lr: float = 0.5  # Adam learning rate on δ
-    kl_factor: float = 0.0625  # weight of KL(base ‖ edited) on "{subject} is a"
-    weight_decay: float = 0.5  # weight of ‖δ‖² / ‖m‖²
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖ (m: unedited output at the fact token)
-    stop_loss: float = 5.0e-2  # stop once the mean target NLL is below this
+    steps: int  # Adam steps
+    lr: float  # Adam learning rate on δ
+    kl_factor: float  # weight of KL(base ‖ edited) on "{subject} is a"
+    weight_decay: float  # weight of ‖δ‖² / ‖m‖²
+    clamp_norm_factor: float  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖ (m: unedited output at the fact token)
+    stop_loss: float  # stop once the mean target NLL is below this
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ class _ReusedSteps:
 
 
 def compute_value(lm: EditedLM, request: EditRequest, layer: int, key: Tensor,
-                  context_prefixes: Sequence[str] = CONTEXT_PREFIXES[:5], options: ValueOptions = ValueOptions(),
+                  context_prefixes: Sequence[str], options: ValueOptions,
                   fact_token: FactToken = "subject_last", reuse_prefix: bool = True) -> Value:
     """v* for ``request`` at ``layer`` (ROME §3.1, eq. 4):
 

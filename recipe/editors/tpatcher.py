@@ -81,7 +81,7 @@ class TPatcherConfig(EditorConfig):
     memory_size: int = 1000  # most recent earlier-edit prompts kept in the memory bank
     memory_sentences: list[str] = field(default_factory=lambda: list(NEUTRAL_SENTENCES))  # fixed unrelated memory texts
     stop_loss: float = 5.0e-2  # stop once target NLL < this, the neurons fire on the edit and on no memory token
-    neurons: Literal["one", "per_target_token"] = "per_target_token"  # "one": the paper's single neuron per edit
+    neurons: Literal["one", "per_target_token"] = "per_target_token"  # "one": the paper's (misses multi-token targets)
     counts: ClassVar[tuple[str, ...]] = ("steps", "memory_topk", "memory_size")
 
 
