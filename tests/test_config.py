@@ -122,7 +122,7 @@ def _lm_with_every_edit_layer():
     from recipe.testing import tiny_model
 
     model, tok, spec = tiny_model()
-    layers = {"ft": 2, "ftm": 2, "grace": 2, "tpatcher": 3, "rome": 1, "memit": [1, 2], "mend": [2, 3]}
+    layers = {"ft": 2, "ftm": 2, "grace": 2, "tpatcher": 3, "rome": 1, "memit": [1, 2], "mend": [2, 3], "wise": 2}
     return EditedLM(model, tok, dataclasses.replace(spec, edit_layers=layers))
 
 

@@ -34,14 +34,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from recipe.editors import rank_one
-from recipe.editors.base import EditorConfig, register_editor
+from recipe.editors.base import register_editor
 from recipe.editors.memit import MEMITEditor
+from recipe.editors.rome import RankOneConfig
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.types import EditId, EditRequest
 
@@ -49,22 +50,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AlphaEditConfig(EditorConfig):
+class AlphaEditConfig(RankOneConfig):
+    """MEMIT's key and δ settings (the shared rank-one base) plus the null-space projection's own."""
+
     layers: list[int] = field(default_factory=list)  # critical layers; empty: configs/models edit_layers.memit
-    fact_token: rank_one.FactToken = "subject_last"  # key position; "last": the prompt's last token, no subject needed
-    context_templates: int = 5  # how many of rank_one.CONTEXT_PREFIXES keys and values average over
-    steps: int = 25  # Adam steps of the δ optimisation at the last layer
-    lr: float = 0.5  # Adam learning rate on δ
-    kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a"
-    weight_decay: float = 1.0e-3  # weight of ‖δ‖²/‖m‖² (as ROME/MEMIT on SmolLM2: GPT-2 XL's 0.5 held δ back)
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖m‖
-    stop_loss: float = 5.0e-2  # stop δ steps once the mean target NLL is below this
     nullspace_threshold: float = 1.0e-2  # eigenvalues of K0 K0ᵀ below this span the editable null space (paper: 1e-2)
     l2: float = 10.0  # α: weight of ‖ΔP‖² in eq. 14 (the reference code's L2)
     norm_anchor: bool = False  # rescale each solved value vector to the unedited weights' value norm there
-    covariance: str = "wikitext"  # key statistics source: one of rank_one.COVARIANCE_SOURCES
-    n_cov_samples: int = 2000  # text samples behind K0 K0ᵀ = E[k kᵀ]
-    counts: ClassVar[tuple[str, ...]] = ("context_templates", "steps", "n_cov_samples")
 
 
 def null_space_projector(cov: Tensor, threshold: float) -> Tensor:
