@@ -115,7 +115,7 @@ def cmd_eval(args) -> int:
     lm, editor = _load(args)
     out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
     result = run_sequential(lm, editor, cases, args.edits, n_cases=args.cases, seed=args.seed,
-                            free_generation=not args.no_generation, out_dir=out, resume=args.resume,
+                            free_generation=not args.no_generation, natural_stop=args.natural_stop, out_dir=out, resume=args.resume,
                             score_cases=args.score_cases, checkpoint_every=args.checkpoint_every,
                             save_states=args.save_states, identity={"dataset": args.dataset})
     summaries = list(result.summaries.values())
@@ -125,6 +125,9 @@ def cmd_eval(args) -> int:
     (out / "run.json").write_text(json.dumps({"argv": args.argv, "editor_config": editor.state_dict()["config"]},
                                              indent=1, default=str))
     plot_metrics(summaries, out / "metrics.png", title)
+    if args.natural_stop:
+        table += "\n\nnatural stop (ns): " + "; ".join(
+            f"T={s['T']}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["ns"].items() if "/" not in k) for s in summaries)
     print(table)
     print(f"\nresults: {out}/ (summary.json, T*.jsonl per case, table.txt, metrics.png)")
     return 0
@@ -208,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "continues from its last checkpoint, or from the state --save-states kept; a folder of "
                          "another run (editor, config, dataset, seed, model, cases) is refused")
     ev.add_argument("--no-generation", action="store_true", help="skip free-generation exact match (faster)")
+    ev.add_argument("--natural-stop", action="store_true",
+                    help="also score natural-stop generation (summary.json key 'ns'): greedy until EOS or the end "
+                         "of the first sentence, at most 32 tokens; a hit when the new answer is in that sentence "
+                         "and the old one is not; locality: the unedited model's sentence (off by default)")
     ev.add_argument("--score-cases", type=positive_int, help="apply every edit of a round but score only a seeded sample "
                     "of this many of its cases (large sets on a CPU)")
     ev.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",

@@ -9,7 +9,7 @@ import torch
 from recipe.data import load_dataset
 from recipe.editors import load_editor
 from recipe.errors import RecipeError
-from recipe.eval.metrics import exact_match
+from recipe.eval.metrics import NATURAL_STOP_CAP, exact_match, first_sentence, generate_natural, natural_stop_hit
 from recipe.eval.report import format_table, plot_metrics
 from recipe.editors.state_file import load_state
 from recipe.eval.sequential import _queries, run_sequential, seeded_order
@@ -297,5 +297,90 @@ def test_scoring_in_chunks_with_a_bar_gives_the_same_scores(tiny, one_thread, de
     scores, gens, secs = _score_queries(tiny, qs, free_generation=True, progress=True, desc="test: ")
     wall = time.perf_counter() - start
     assert scores == tiny.score([q.prompt for q in qs], [q.target for q in qs])
-    assert gens == generate_for(tiny, [q.prompt for q in qs], [generation_budget(tiny, q.answers) for q in qs])
-    assert len(secs) == 2 and sum(secs) <= wall  # scoring and generating, each timed inside the call
+    assert gens == {"em": generate_for(tiny, [q.prompt for q in qs], [generation_budget(tiny, q.answers) for q in qs])}
+    assert len(secs) == 3 and sum(secs) <= wall  # scoring, generating, natural stop (not asked for): timed inside
+
+
+# ---- natural-stop generation -------------------------------------------------------------------
+@pytest.fixture
+def scripted(tiny):
+    """The tiny model made to generate a given text: after each multi-token forward pass (a prompt) the
+    last logits favour ``tiny.script[0]``, after each next one-token pass (a decoding step) the next
+    token of the script, so stopping rules can be tested on hand-made text. ``tiny.calls``: the passes."""
+    calls = []
+
+    def favour(module, args, kwargs, output):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        step = 0 if inputs.shape[1] > 1 else calls[-1] + 1
+        calls.append(step)
+        if step < len(tiny.script):
+            output.logits[:, -1, tiny.script[step]] += 1e4
+        return output
+
+    handle = tiny.model.register_forward_hook(favour, with_kwargs=True)
+    tiny.script, tiny.calls = [], calls
+    yield tiny
+    handle.remove()
+
+
+def _script(lm, text: str, eos_after: bool = False) -> list[int]:
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([lm.tokenizer.eos_token_id] if eos_after else [])
+
+
+def test_natural_stop_ends_at_the_first_sentence(scripted):
+    scripted.script = _script(scripted, " Paris. It lies on the Seine and more")
+    assert generate_natural(scripted, ["The capital of France is"]) == ["Paris."]
+    assert len(scripted.calls) == len(_script(scripted, " Paris."))  # generation stopped there, not at the cap
+
+
+def test_natural_stop_ends_at_eos(scripted):
+    scripted.script = _script(scripted, " Paris is", eos_after=True) + _script(scripted, " big. Yes")
+    assert generate_natural(scripted, ["The capital of France is"]) == ["Paris is"]
+    assert len(scripted.calls) == len(_script(scripted, " Paris is")) + 1
+
+
+def test_natural_stop_is_capped(scripted):
+    scripted.script = _script(scripted, " and" * (NATURAL_STOP_CAP + 8))
+    text = generate_natural(scripted, ["The capital of France is"])[0]
+    assert len(scripted.script) > NATURAL_STOP_CAP
+    assert text == scripted.tokenizer.decode(scripted.script[:NATURAL_STOP_CAP]).strip()
+    assert len(scripted.calls) == NATURAL_STOP_CAP
+
+
+def test_first_sentence_rules():
+    assert first_sentence("\n Paris. It is") == "Paris."
+    assert first_sentence(" Washington, D.C. is big") == "Washington, D.C."
+    assert first_sentence(" Paris\nRome.") == "Paris"
+    assert first_sentence(" the year 3.5 million") == "the year 3.5 million"
+    assert first_sentence(" Is it Rome? Yes.") == "Is it Rome?"
+
+
+def test_natural_stop_hit_needs_the_new_answer_and_not_the_old():
+    assert natural_stop_hit("It is Paris.", ["Paris"], ["Rome"])
+    assert not natural_stop_hit("Paris, not Rome.", ["Paris"], ["Rome"])  # both: the old answer still there
+    assert not natural_stop_hit("Parisian food.", ["Paris"])  # word boundaries
+    assert natural_stop_hit("the city is New York City.", ["New York City"], ["New York"])  # old inside new
+    assert not natural_stop_hit("New York City or New York.", ["New York City"], ["New York"])
+    assert natural_stop_hit("It is paris", ["Paris"], [""])  # an empty old answer is no old answer
+
+
+def test_natural_stop_column_in_the_loop(scripted, demo_cases, tmp_path):
+    """Reliability: hit when the sentence holds the new answer; locality: the unedited sentence; off by
+    default, the summary has no ``ns`` and the rows no sentence."""
+    case = demo_cases[0]
+    scripted.script = _script(scripted, f" {case.request.target_new}. And so on")
+    editor = load_editor("none", scripted)
+    plain = run_sequential(scripted, editor, demo_cases[:1], [1], progress=False, out_dir=tmp_path / "a")
+    assert "ns" not in plain.summaries[1] and '"sentence"' not in (tmp_path / "a" / "T1.jsonl").read_text()
+    result = run_sequential(scripted, editor, demo_cases[:1], [1], natural_stop=True, progress=False,
+                            out_dir=tmp_path / "b")
+    ns = result.summaries[1]["ns"]
+    assert ns["reliability"] == 1.0 and ns["locality"] == 1.0
+    assert result.summaries[1]["tf"] == plain.summaries[1]["tf"]
+    row = json.loads((tmp_path / "b" / "T1.jsonl").read_text().splitlines()[0])
+    assert row["queries"][0]["sentence"] == f"{case.request.target_new}."
+    assert json.loads((tmp_path / "b" / "identity.json").read_text())["natural_stop"] is True
+    scripted.script = _script(scripted, f" {case.request.target_new}, not {case.request.target_true}. And")
+    both = run_sequential(scripted, editor, demo_cases[:1], [1], natural_stop=True, progress=False).summaries[1]
+    assert both["ns"]["reliability"] == 0.0 and both["em"]["reliability"] == 1.0  # exact match accepts it

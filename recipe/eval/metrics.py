@@ -8,15 +8,24 @@
 - Free generation ("exact match"): greedy decoding of as many tokens as the longest accepted answer
   (+2); a hit when the normalised continuation equals an accepted answer or starts with it followed
   by a word boundary. For locality: the greedy continuation is identical to the unedited model's.
+- Natural stop ("ns", WILD's protocol): greedy decoding until EOS or the end of the first sentence, at
+  most ``NATURAL_STOP_CAP`` tokens; a hit when an accepted answer occurs in that sentence (at word
+  boundaries) and the old answer, when known, does not (outside the new answer's own text). For
+  locality: the sentence is identical to the unedited model's.
 """
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
 from recipe.lm import EditedLM, TargetScore
 
 _SPACE = re.compile(r"\s+")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")  # a full stop, ! or ? before a space or the end; a line break
+NATURAL_STOP_CAP = 32  # most new tokens of a natural-stop generation
 
 
 def normalise(text: str) -> str:
@@ -55,3 +64,52 @@ def generate_for(lm: EditedLM, prompts: Sequence[str], budgets: Sequence[int], b
         for i, t in zip(idx, texts):
             out[i] = t
     return out  # type: ignore[return-value]
+
+
+def first_sentence(text: str) -> str:
+    """``text`` (leading whitespace dropped) up to the end of its first sentence: through the first ``.``,
+    ``!`` or ``?`` that a space or the end follows, or up to the first line break; all of it when neither
+    occurs. An abbreviation ends a sentence too ("U.S. Army" -> "U.S.")."""
+    text = text.lstrip()
+    end = _SENTENCE_END.search(text)
+    return text if end is None else text[:end.end()].strip()
+
+
+def _spans(text: str, answer: str) -> list[tuple[int, int]]:
+    """Where the normalised ``answer`` occurs in the normalised ``text`` between word boundaries."""
+    if not answer:
+        return []
+    return [m.span() for m in re.finditer(rf"(?<!\w){re.escape(answer)}(?!\w)", text)]
+
+
+def natural_stop_hit(sentence: str, answers: Sequence[str], old_answers: Sequence[str] = ()) -> bool:
+    """True when an accepted answer occurs in ``sentence`` and no old answer occurs outside it
+    (an old answer inside the new one, "New York" in "New York City", does not count)."""
+    text = normalise(sentence)
+    spans = [sp for a in answers for sp in _spans(text, normalise(a))]
+    if not spans:
+        return False
+    for start, end in sorted(spans, reverse=True):
+        text = text[:start] + " | " + text[end:]
+    return not any(_spans(text, normalise(old)) for old in old_answers if old)
+
+
+class _SentenceEnded(StoppingCriteria):
+    """Stops each row once its new text holds a sentence end (the batch ends when every row has)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        # input_ids (B, n): the new tokens only (EditedLM generates from embeddings)
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([_SENTENCE_END.search(t.lstrip()) is not None for t in texts], device=input_ids.device)
+
+
+def generate_natural(lm: EditedLM, prompts: Sequence[str], bar=None) -> list[str]:
+    """The first sentence of each greedy continuation that stops at EOS, at a sentence end or after
+    ``NATURAL_STOP_CAP`` tokens (:func:`first_sentence`). ``bar``: advanced after each batch."""
+    texts = lm.generate(prompts, max_new_tokens=NATURAL_STOP_CAP, eos_token_id=lm.tokenizer.eos_token_id,
+                        stopping_criteria=StoppingCriteriaList([_SentenceEnded(lm.tokenizer)]),
+                        on_batch=bar.update if bar is not None else None)
+    return [first_sentence(t) for t in texts]

@@ -4,6 +4,10 @@ For each T in ``edit_counts``: take the first T cases of one seeded shuffle, app
 case at a time (each on top of all earlier ones), score all T cases on the final model, then
 ``rollback()``. The unedited model's answers to the locality probes are recorded once, before any
 edit. Writes ``T<T>.jsonl`` (one line per case) and ``summary.json`` into ``out_dir``.
+
+Scoring columns (:mod:`recipe.eval.metrics`): ``tf`` teacher-forced, ``em`` exact match of a short
+greedy continuation (``free_generation``), ``ns`` natural-stop generation (``natural_stop``: off by
+default, so earlier runs and their numbers stay as they were).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from recipe.editors.base import Editor
 from recipe.editors.state_file import save_state
 from recipe.errors import RecipeError
 from recipe.eval.editing import apply_edits
-from recipe.eval.metrics import exact_match, generate_for, generation_budget, locality_accuracy
+from recipe.eval.metrics import (exact_match, generate_for, generate_natural, generation_budget, locality_accuracy,
+                                  natural_stop_hit)
 from recipe.eval.resume import (check_identity, completed_rounds, model_fingerprint, resume_round, round_meta,
                                 run_identity)
 from recipe.lm import EditedLM, TargetScore
@@ -45,17 +50,24 @@ class _Query:
     prompt: str
     target: str
     answers: tuple[str, ...]
+    old: tuple[str, ...] = ()  # old answers a natural-stop hit must not contain (target_true, when known)
 
 
 def _queries(cases: Sequence[EditCase]) -> list[_Query]:
     qs = []
     for i, c in enumerate(cases):
         for r in c.requests:
-            qs.append(_Query(i, "reliability", "reliability", r.prompt, r.target_new, (r.target_new,)))
+            qs.append(_Query(i, "reliability", "reliability", r.prompt, r.target_new, (r.target_new,),
+                             _known(r.target_true)))
+        old = _known(c.requests[0].target_true) if len(c.requests) == 1 else ()  # several edits: whose old answer?
         for kind, probes in (("generality", c.generality), ("locality", c.locality), ("portability", c.portability)):
             for p in probes:
-                qs.append(_Query(i, kind, p.group, p.prompt, p.target, p.answers))
+                qs.append(_Query(i, kind, p.group, p.prompt, p.target, p.answers, old if kind == "generality" else ()))
     return qs
+
+
+def _known(answer: str | None) -> tuple[str, ...]:
+    return (answer,) if answer else ()
 
 
 @dataclass
@@ -67,32 +79,37 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, progress: bool = False, desc: str = ""):
-    """Teacher-forced scores and (optionally) greedy continuations, with the seconds each took.
+def _score_queries(lm: EditedLM, qs: list[_Query], free_generation: bool, natural_stop: bool = False,
+                   progress: bool = False, desc: str = ""):
+    """Teacher-forced scores, the texts of each generation column (``{"em": [...], "ns": [...]}``, the
+    columns asked for) and the seconds each took (``score``, ``generate``, ``natural_stop``).
 
     With ``progress`` a bar counts the queries scored (then generated): a lifelong round of 1,000 cases
     has several thousand; ``lm.score`` batches them by length."""
-    bar = tqdm(total=len(qs) * (2 if free_generation else 1), desc=f"{desc}scoring queries", unit="q",
+    bar = tqdm(total=len(qs) * (1 + free_generation + natural_stop), desc=f"{desc}scoring queries", unit="q",
                disable=not progress or not qs, leave=False)
     t0 = time.perf_counter()
     scores = lm.score([q.prompt for q in qs], [q.target for q in qs], on_batch=bar.update)
     t1 = time.perf_counter()
-    gens = None
+    gens = {}
     if free_generation:
-        gens = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs], bar=bar)
+        gens["em"] = generate_for(lm, [q.prompt for q in qs], [generation_budget(lm, q.answers) for q in qs], bar=bar)
+    t2 = time.perf_counter()
+    if natural_stop:
+        gens["ns"] = generate_natural(lm, [q.prompt for q in qs], bar=bar)
     bar.close()
-    return scores, gens, (t1 - t0, time.perf_counter() - t1)
+    return scores, gens, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
-def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out: Path | None, resume: bool,
-                     progress: bool) -> tuple[list[TargetScore], list[str] | None]:
-    """The unedited model's scores (and continuations) on the locality probes ``qs``.
+def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, natural_stop: bool, out: Path | None,
+                     resume: bool, progress: bool) -> tuple[list[TargetScore], dict[str, list[str]]]:
+    """The unedited model's scores (and generations, by column) on the locality probes ``qs``.
 
     With an output folder they are also kept in ``out/unedited.json`` with a key made of the weights'
     fingerprint and the probes; a resumed run whose key matches reads them instead of scoring again
     (minutes at T = 1,000 on a CPU)."""
-    key = hashlib.sha256(json.dumps([model_fingerprint(lm), free_generation,
-                                     [(q.prompt, q.target, list(q.answers)) for q in qs]]).encode()).hexdigest()
+    what = [model_fingerprint(lm), free_generation, [(q.prompt, q.target, list(q.answers)) for q in qs]]
+    key = hashlib.sha256(json.dumps(what + ([True] if natural_stop else [])).encode()).hexdigest()
     path = out / "unedited.json" if out is not None else None
     if resume and path is not None and path.exists():
         try:
@@ -102,55 +119,65 @@ def _unedited_record(lm: EditedLM, qs: list[_Query], free_generation: bool, out:
         if saved.get("key") == key:
             log.info("unedited model's locality record read from %s", path)
             scores = [TargetScore(*(tuple(v) for v in s)) for s in saved["scores"]]
-            return scores, saved["generations"]
+            gens = {"em": saved["generations"], "ns": saved.get("natural_stop")}
+            return scores, {mode: g for mode, g in gens.items() if g is not None}
     log.info("recording the unedited model on %d locality probes", len(qs))
-    scores, gens, _ = _score_queries(lm, qs, free_generation, progress=progress, desc="unedited model: ")
+    scores, gens, _ = _score_queries(lm, qs, free_generation, natural_stop, progress=progress, desc="unedited model: ")
     if path is not None:
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"key": key, "generations": gens, "scores": [
+        extra = {"natural_stop": gens["ns"]} if natural_stop else {}
+        tmp.write_text(json.dumps({"key": key, "generations": gens.get("em"), **extra, "scores": [
             [list(s.target_ids), list(s.predicted_ids), list(s.logprobs)] for s in scores]}))
         os.replace(tmp, path)  # a crash never leaves a half-written record
     return scores, gens
 
 
+def _query_score(q: _Query, mode: str, text: str, unedited: str | None) -> float:
+    """One generation column's score of one query: locality compares with the unedited model's text."""
+    if q.kind == "locality":
+        return float(text == unedited)
+    if mode == "ns":
+        return float(natural_stop_hit(text, q.answers, q.old))
+    return float(exact_match(text, q.answers))
+
+
 def _case_rows(cases, case_idx, qs, scores, gens, base_scores, base_gens, edit_times) -> list[dict]:
     """Per-case metrics, plus every scored query with its prompt, target, accepted answers and the
-    edited model's greedy continuation (``generated``; the unedited model's too for locality probes).
-    ``case_idx``: the pool index of each case; ``qs``: ``(j, query)`` pairs, j indexing the
+    edited model's greedy continuation (``generated``; the unedited model's too for locality probes)
+    and, with natural stop, its first ``sentence``. ``gens`` / ``base_gens``: texts by column ("em",
+    "ns"); ``case_idx``: the pool index of each case; ``qs``: ``(j, query)`` pairs, j indexing the
     unedited-model records."""
     pos = {c: n for n, c in enumerate(case_idx)}
-    rows = [{"case_id": c.case_id, "edit_time_s": t, "tf": {}, "em": {}, "queries": []}
+    modes = ["tf", "em"] + [m for m in gens if m != "em"]
+    rows = [{"case_id": c.case_id, "edit_time_s": t, **{m: {} for m in modes}, "queries": []}
             for c, t in zip(cases, edit_times)]
-    acc: list[dict[str, dict[str, list[float]]]] = [{"tf": {}, "em": {}} for _ in cases]
+    acc: list[dict[str, dict[str, list[float]]]] = [{m: {} for m in modes} for _ in cases]
     for n, (j, q) in enumerate(qs):
-        if q.kind == "locality":
-            tf = locality_accuracy(base_scores[j], scores[n])
-            em = None if gens is None else float(gens[n] == base_gens[j])
-        else:
-            tf = scores[n].accuracy
-            em = None if gens is None else float(exact_match(gens[n], q.answers))
+        local = q.kind == "locality"
+        tf = locality_accuracy(base_scores[j], scores[n]) if local else scores[n].accuracy
+        texts = {m: (g[n], base_gens[m].get(j) if local else None) for m, g in gens.items()}
+        values = {"tf": tf} | {m: _query_score(q, m, text, unedited) for m, (text, unedited) in texts.items()}
         keys = {q.kind} | ({f"{q.kind}/{q.group}"} if q.group != q.kind else set())
         for key in keys:
-            acc[pos[q.case]]["tf"].setdefault(key, []).append(tf)
-            if em is not None:
-                acc[pos[q.case]]["em"].setdefault(key, []).append(em)
-        rows[pos[q.case]]["queries"].append(_query_record(q, tf, em, gens and gens[n],
-                                                          base_gens.get(j) if q.kind == "locality" else None))
+            for m, v in values.items():
+                acc[pos[q.case]][m].setdefault(key, []).append(v)
+        rows[pos[q.case]]["queries"].append(_query_record(q, values, texts))
     for row, a in zip(rows, acc):
-        for mode in ("tf", "em"):
+        for mode in modes:
             row[mode] = {k: _mean(v) for k, v in sorted(a[mode].items())}
     return rows
 
 
-def _query_record(q: _Query, tf: float, em: float | None, generated: str | None, unedited: str | None) -> dict:
+def _query_record(q: _Query, values: dict[str, float], texts: dict[str, tuple[str, str | None]]) -> dict:
     """One scored query as the per-case JSONL keeps it: what was asked, what was wanted, what came out."""
-    record = {"kind": q.kind, "group": q.group, "prompt": q.prompt, "target": q.target, "tf": tf}
+    record = {"kind": q.kind, "group": q.group, "prompt": q.prompt, "target": q.target, "tf": values["tf"]}
     if list(q.answers) != [q.target]:
         record["answers"] = list(q.answers)
-    if generated is not None:
-        record |= {"generated": generated, "em": em}
-    if unedited is not None:
-        record["unedited"] = unedited
+    names = {"em": ("generated", "unedited"), "ns": ("sentence", "unedited_sentence")}
+    for mode, (text, unedited) in texts.items():
+        record |= {names[mode][0]: text, mode: values[mode]}
+        if unedited is not None:
+            record[names[mode][1]] = unedited
     return record
 
 
@@ -172,7 +199,7 @@ def peak_rss_mb() -> float | None:
 
 def _summarise(T: int, rows: list[dict]) -> dict:
     summary: dict = {"T": T, "cases": len(rows), "rounds": len({r["round"] for r in rows})}
-    for mode in ("tf", "em"):
+    for mode in ("tf", "em") + (("ns",) if any("ns" in r for r in rows) else ()):
         keys = sorted({k for r in rows for k in r[mode]})
         summary[mode] = {k: _mean([r[mode][k] for r in rows if r[mode].get(k) is not None]) for k in keys}
     times = sorted(r["edit_time_s"] for r in rows)
@@ -227,7 +254,7 @@ def seeded_order(items: Sequence[Item], seed: int) -> list[Item]:
 
 def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                    *, n_cases: int | None = None, seed: int = 0, free_generation: bool = True,
-                   out_dir: str | Path | None = None, resume: bool = False,
+                   natural_stop: bool = False, out_dir: str | Path | None = None, resume: bool = False,
                    progress: bool = True, score_cases: int | None = None, checkpoint_every: int | None = None,
                    save_states: bool = False, identity: dict | None = None) -> SequentialResult:
     """Run the sequential protocol for every T in ``edit_counts``.
@@ -247,6 +274,8 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
 
     ``checkpoint_every`` (slow editors): inside a round, the editor's state is saved to
     ``out_dir/T<T>.round`` after every that many cases, and ``resume`` continues the round from it.
+    ``natural_stop``: also score the ``ns`` column (:func:`recipe.eval.metrics.generate_natural`); summaries
+    gain an ``ns`` entry and each query row its ``sentence``.
     ``save_states``: the editor's state after the first round of each T (the first T cases of the
     shuffle) is kept in ``out_dir/state-T<T>`` (``recipe general --editor-state`` measures it).
 
@@ -273,16 +302,18 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         check_identity(out, run_identity(lm, editor, cases, seed=seed, free_generation=free_generation,
-                                         score_cases=score_cases, extra=identity), resume)
+                                         score_cases=score_cases,
+                                         extra={**(identity or {}), **({"natural_stop": True} if natural_stop else {})}),
+                       resume)
 
     scored = {(T, start): _scored_cases(T, start, score_cases, seed)
               for T in counts for start in range(0, n_cases // T * T, T)}
     wanted = {i for idx in scored.values() for i in idx}
     pool_qs = [(j, q) for j, q in enumerate(_queries(pool)) if q.case in wanted]
     loc = [(j, q) for j, q in pool_qs if q.kind == "locality"]
-    base_s, base_g = _unedited_record(lm, [q for _, q in loc], free_generation, out, resume, progress)
+    base_s, base_g = _unedited_record(lm, [q for _, q in loc], free_generation, natural_stop, out, resume, progress)
     base_scores = {j: s for (j, _), s in zip(loc, base_s)}
-    base_gens = {j: g for (j, _), g in zip(loc, base_g)} if base_g is not None else {}
+    base_gens = {mode: {j: g for (j, _), g in zip(loc, texts)} for mode, texts in base_g.items()}
 
     result = SequentialResult()
     for T in counts:
@@ -301,11 +332,13 @@ def run_sequential(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit
             if save_states and start == 0:
                 save_state(editor.state_dict(), _kept_state(out, T), round_meta(T, start, seed, chosen, edit_times))
             edit_times = [edit_times[i - start] for i in idx]
-            scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation,
+            scores, gens, secs = _score_queries(lm, [q for _, q in qs], free_generation, natural_stop,
                                                 progress=progress and T > 1, desc=f"{editor.name}: T={T}: ")
             editor.rollback()
             new = _case_rows([pool[i] for i in idx], idx, qs, scores, gens, base_scores, base_gens, edit_times)
             timing = {"queries": len(qs), "score_s": secs[0], "generate_s": secs[1], "peak_rss_mb": peak_rss_mb()}
+            if natural_stop:
+                timing["natural_stop_s"] = secs[2]
             for r in new:
                 r["round"], r["round_timing"] = start // T, timing
             rows += new
