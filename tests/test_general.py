@@ -65,7 +65,10 @@ def test_choice_prediction_is_argmax_of_first_option_token(tiny, one_thread):
         assert pred == int(logits[option_ids].argmax())
     right = [Choice(it.question, it.options, p, group=g) for it, p, g in zip(items, preds, "xxy")]
     wrong = [Choice(it.question, it.options, (p + 1) % len(it.options)) for it, p in zip(items, preds)]
-    assert score_choices(tiny, right, MAX_TOKENS) == {"accuracy": 1.0, "n": 3, "accuracy/x": 1.0, "accuracy/y": 1.0}
+    chance = (1 / 4 + 1 / 3 + 1 / 5) / 3
+    assert score_choices(tiny, right, MAX_TOKENS) == {"accuracy": 1.0, "n": 3, "ci95": [1.0, 1.0],
+                                                      "chance": pytest.approx(chance),
+                                                      "accuracy/x": 1.0, "accuracy/y": 1.0}
     assert score_choices(tiny, wrong, MAX_TOKENS)["accuracy"] == 0.0
 
 

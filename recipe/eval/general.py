@@ -5,7 +5,13 @@ sets, their seeded subsets, and the loop that measures the unedited model and th
 first T cases of the sequential loop's shuffle, for each T.
 
 Each set is shuffled with ``seeded_order`` (the sequential loop's shuffle) and its first ``n`` items
-kept (``None``: all); ANLI keeps ``n`` per round.
+kept (``None``: all); ANLI keeps ``n`` per round. Every headline number has a bootstrap 95% interval
+(``ci95``); a multiple-choice set where the unedited model's interval reaches down to the chance level
+(``chance``) is listed in ``at_chance``: there its accuracy cannot show damage.
+
+Optionally (``agreement_items``) each measurement also holds ``agreement``: the fraction of general
+prompts whose greedy next token is the unedited model's and the mean KL(unedited || edited)
+(:mod:`recipe.eval.agreement`); the unedited record is kept in ``out_dir``.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from tqdm.auto import tqdm
 
 from recipe.data.registry import resolve_data_dir
 from recipe.editors.base import Editor
+from recipe.eval import agreement as agree
 from recipe.errors import RecipeError, UnknownNameError
 from recipe.eval.editing import apply_edits
 from recipe.eval.general_sets import (  # noqa: F401  (items, prompts and scorers, also imported from here)
@@ -86,7 +93,8 @@ def measure(lm: EditedLM, items: dict[str, list], max_tokens: int = 512, progres
 def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_counts: Sequence[int],
                 items: dict[str, list], *, seed: int = 0, max_tokens: int = 512,
                 out_dir: str | Path | None = None, progress: bool = True,
-                states: Sequence[tuple[dict, dict]] = ()) -> dict:
+                states: Sequence[tuple[dict, dict]] = (), agreement_items: dict[str, list] | None = None,
+                top_k: int = 64) -> dict:
     """Measure the unedited model, then after the first T cases of ``seeded_order(cases, seed)`` for
     each T, applied one case at a time; rolls back at the end (also on error).
 
@@ -96,6 +104,10 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
     Edits accumulate: T=1000 continues from the model measured at T=100 (the same state as applying
     the first 1000 cases afresh, without applying the first 100 twice). Writes ``general.json``,
     ``general.txt`` and ``general.png`` into ``out_dir`` after each measurement.
+
+    ``agreement_items`` (set -> items, as :func:`load_general` gives them): each measurement gains
+    ``agreement`` against the unedited model's ``top_k`` next-token record, made before any edit (or
+    read from ``out_dir/unedited_next_token.pt`` when it was made for the same weights and prompts).
     """
     counts = sorted({int(t) for t in edit_counts})
     if not counts or counts[0] < 1:
@@ -106,7 +118,10 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
     result = {"editor": editor.name, "model": lm.spec.name, "seed": seed, "max_tokens": max_tokens,
               "items": {name: len(its) for name, its in items.items()}, "runs": []}
     saved = _states_by_T(states, order, seed, counts)
-    edit_s = 0.0
+    prompts = agree.agreement_prompts(lm, agreement_items, max_tokens) if agreement_items else []
+    if prompts:
+        result["agreement_prompts"] = {name: len(its) for name, its in agreement_items.items()}
+    edit_s, record = 0.0, None
     try:
         for T in [0] + counts:
             done = result["runs"][-1]["T"] if result["runs"] else 0
@@ -119,11 +134,41 @@ def run_general(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], edit_co
             with tqdm(total=T - done, desc=f"{editor.name}: edits {done}->{T}", disable=not progress) as bar:
                 edit_s += sum(apply_edits(editor, order[done:T], bar=bar))
             result["runs"].append({"T": T, "edit_s": edit_s, **measure(lm, items, max_tokens, progress)})
+            if prompts:
+                record = _agreement(lm, prompts, record, top_k, out_dir, progress, result["runs"][-1])
+            if T == 0:
+                result |= chance_levels(result["runs"][0]["scores"])
             if out_dir is not None:
                 write_outputs(result, out_dir)
     finally:
         editor.rollback()
     return result
+
+
+def _agreement(lm: EditedLM, prompts: list[tuple[str, str]], record: dict | None, top_k: int,
+               out_dir: str | Path | None, progress: bool, run: dict) -> dict:
+    """Adds ``agreement`` to ``run``; the first call (the unedited model) makes or reads the record."""
+    t0 = time.perf_counter()
+    if record is None:
+        path = Path(out_dir) / agree.RECORD_FILE if out_dir is not None else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        record, was_kept = agree.unedited_record(lm, prompts, top_k, path, progress)
+        run["agreement"] = agree.compare(lm, prompts, record, progress) if was_kept else agree.identical(prompts, record)
+    else:
+        run["agreement"] = agree.compare(lm, prompts, record, progress)
+    run["seconds"]["agreement"] = time.perf_counter() - t0
+    log.info("agreement with the unedited model: %.4f, KL %.4g", run["agreement"]["agreement"], run["agreement"]["kl"])
+    return record
+
+
+def chance_levels(scores: dict) -> dict:
+    """``chance`` per multiple-choice set and ``at_chance``: those whose (unedited) 95% interval reaches
+    down to chance, where a drop cannot be told from guessing."""
+    chance = {name: sc["chance"] for name, sc in scores.items() if sc.get("chance") is not None}
+    at = [name for name, level in chance.items()
+          if scores[name].get("ci95") is None or scores[name]["ci95"][0] <= level]
+    return {"chance": chance, "at_chance": at}
 
 
 def _states_by_T(states: Sequence[tuple[dict, dict]], order: Sequence[EditCase], seed: int,
@@ -159,11 +204,33 @@ def format_general(result: dict) -> str:
                     for name, key in cols] + ["edit s", "eval s"]
     rows = [[str(r["T"])] + [f"{r['scores'][n][k]:.3f}" if r["scores"][n][k] is not None else "-" for n, k in cols]
             + [f"{r['edit_s']:.1f}", f"{sum(r['seconds'].values()):.1f}"] for r in result["runs"]]
+    if "agreement_prompts" in result:
+        head[-2:-2] = ["agree", "KL"]
+        for row, r in zip(rows, result["runs"]):
+            row[-2:-2] = [f"{r['agreement']['agreement']:.4f}", f"{r['agreement']['kl']:.2e}"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     title = (f"{result['editor']} on {result['model']}, seed {result['seed']}; items: "
              + ", ".join(f"{k} {v}" for k, v in result["items"].items()))
     lines = [title, " | ".join(h.rjust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
-    return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows])
+    return "\n".join(lines + [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows] + _notes(result))
+
+
+def _notes(result: dict) -> list[str]:
+    """The 95% intervals, what the agreement columns are, and the sets where the unedited model is at chance."""
+    notes = ["95% intervals (bootstrap over items):"]
+    for r in result["runs"]:
+        cis = [f"{name} [{sc['ci95'][0]:.3f}, {sc['ci95'][1]:.3f}]" for name, sc in r["scores"].items()
+               if sc.get("ci95") is not None]
+        notes.append(f"  T={r['T']}: " + ", ".join(cis))
+    if "agreement_prompts" in result:
+        notes.append(f"agree: greedy next token unchanged from the unedited model; KL(unedited || edited) over its "
+                     f"top-{result['runs'][0]['agreement']['top_k']} tokens + the rest; prompts: "
+                     + ", ".join(f"{k} {v}" for k, v in result["agreement_prompts"].items()))
+    if result.get("at_chance"):
+        notes.append("AT CHANCE: the unedited model's accuracy is not above guessing (its 95% interval reaches chance) "
+                     "on " + ", ".join(f"{n} (chance {result['chance'][n]:.3f})" for n in result["at_chance"])
+                     + "; these accuracies cannot show damage")
+    return notes
 
 
 def plot_general(result: dict, path: str | Path) -> Path:

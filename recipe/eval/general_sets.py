@@ -13,6 +13,10 @@ Scored as RECIPE's ``evaluation/llm_general_eval.py`` scores them (see ``<data_d
 - WikiText-2 test: token-weighted perplexity of paragraphs. The first ``PROMPT_WORDS`` words are the
   prompt (all a prefix provider such as RECIPE's retrieval sees), the rest is the scored continuation.
 
+Each headline number comes with ``ci95``, a percentile bootstrap 95% interval over the items
+(``BOOTSTRAP_RESAMPLES`` resamples, seed 0: the same items give the same interval); the multiple-choice
+sets also give ``chance``, the accuracy of guessing (the mean of 1 / number of options).
+
 Every prompt + answer is at most ``max_tokens`` tokens: a longer SQuAD context is cut to a window
 centred on the (plausible) answer, a longer MMLU/ANLI question loses its start, a longer WikiText
 paragraph its end. Everything runs through :class:`EditedLM`, so prefix editors (RECIPE) see each
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from recipe.data.common import DatasetFormatError, Record, find_file, read_text
@@ -40,6 +46,7 @@ ANLI_LABELS = ("entailment", "neutral", "contradiction")
 SQUAD_INSTRUCTION = "Read the context and answer the question. If it has no answer, reply N/A."
 NO_ANSWER = "N/A"
 PROMPT_WORDS = 8  # WikiText: words of each paragraph given as the prompt, not scored
+BOOTSTRAP_RESAMPLES = 1000  # resamples of each 95% interval
 SOURCE = (f"the shared data folder's general/ (its README.md says where each file comes from); pass --data-dir "
           f"or set ${DATA_DIR_ENV} to the folder that holds general/ and wikitext/")
 
@@ -152,7 +159,8 @@ def choice_predictions(lm: EditedLM, items: Sequence[Choice], max_tokens: int = 
 def score_choices(lm: EditedLM, items: Sequence[Choice], max_tokens: int = 512, progress: bool = False) -> dict:
     """``accuracy`` (and ``accuracy/<group>`` when the items come in several groups), ``n``."""
     hits = [float(p == it.answer) for p, it in zip(choice_predictions(lm, items, max_tokens, progress), items)]
-    out = {"accuracy": _mean(hits), "n": len(items)}
+    out = {"accuracy": _mean(hits), "n": len(items), "ci95": ci95(np.mean, hits),
+           "chance": _mean([1 / len(it.options) for it in items])}
     groups = sorted({it.group for it in items})
     if len(groups) > 1:
         for g in groups:
@@ -175,7 +183,7 @@ def score_squad(lm: EditedLM, items: Sequence[Reading], max_tokens: int = 512, p
     prompts = [squad_prompt(lm, it, max_tokens) for it in items]
     scores = _teacher_forced(lm, prompts, [it.answer for it in items], "squad", progress)
     inv = [math.exp(sum(s.logprobs) / len(s.logprobs)) for s in scores]
-    return {"inv_ppl": _mean(inv), "n": len(items),
+    return {"inv_ppl": _mean(inv), "n": len(items), "ci95": ci95(np.mean, inv),
             "inv_ppl/answerable": _mean([v for v, it in zip(inv, items) if it.answerable]),
             "inv_ppl/unanswerable": _mean([v for v, it in zip(inv, items) if not it.answerable])}
 
@@ -186,11 +194,24 @@ def score_wikitext(lm: EditedLM, items: Sequence[str], max_tokens: int = 512, pr
     scores = _teacher_forced(lm, list(prompts), list(targets), "wikitext", progress)
     tokens = sum(len(s.logprobs) for s in scores)
     nll = -sum(sum(s.logprobs) for s in scores)
-    return {"ppl": math.exp(nll / tokens), "tokens": tokens, "n": len(items)}
+    interval = ci95(lambda n, t: np.exp(np.sum(n) / np.sum(t)), [-sum(s.logprobs) for s in scores],
+                    [len(s.logprobs) for s in scores])
+    return {"ppl": math.exp(nll / tokens), "tokens": tokens, "n": len(items), "ci95": interval}
 
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def ci95(statistic: Callable, *samples: Sequence[float]) -> list[float] | None:
+    """Percentile bootstrap 95% interval ``[low, high]`` of ``statistic`` over items (several samples:
+    paired, resampled together); None for fewer than two items."""
+    if len(samples[0]) < 2:
+        return None
+    res = bootstrap([np.asarray(x, dtype=float) for x in samples], statistic, paired=len(samples) > 1,
+                    vectorized=False, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95,
+                    method="percentile", rng=np.random.default_rng(0))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 # ---- data --------------------------------------------------------------------------------------
