@@ -1,4 +1,4 @@
-"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), general, list."""
+"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), general, mquake, list."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,23 @@ def cmd_general(args) -> int:
     return 0
 
 
+def cmd_mquake(args) -> int:
+    from recipe.data import load_dataset
+    from recipe.eval.mquake import MquakePrompts, format_mquake, run_mquake
+
+    prompts = MquakePrompts.load(args.data_dir, args.demos)  # missing files fail before the model loads
+    cases = load_dataset(args.dataset, args.data_dir)
+    lm, editor = _load(args)
+    out = Path(args.out or f"runs/mquake-{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
+    result = run_mquake(lm, editor, cases, prompts, n_cases=args.cases, seed=args.seed,
+                        all_at_once=args.all_edits, mello=args.mello, out_dir=out)
+    (out / "run.json").write_text(json.dumps({"argv": args.argv, "editor_config": editor.state_dict()["config"]},
+                                             indent=1, default=str))
+    print(format_mquake(result))
+    print(f"\nresults: {out}/ (mquake.json: scores, and what the model answered per case)")
+    return 0
+
+
 def cmd_list(args) -> int:
     from recipe.data import DATASETS
     from recipe.editors import EDITORS
@@ -261,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a state saved by `recipe eval --save-states` (same dataset and seed): loaded instead "
                           "of applying its T edits again (repeatable)")
     gen.set_defaults(func=cmd_general)
+
+    mq = sub.add_parser("mquake", help="multi-hop questions after a chain of edits (MQuAKE): single-hop and "
+                                       "multi-hop accuracy, optionally with MeLLo-style decomposition",
+                        description="Floor: the unedited model's multi-hop accuracy on the original answers. Then "
+                                    "each case's edits (all in one call) -> edit, single-hop and multi-hop accuracy "
+                                    "on the new answers -> roll back. See recipe/eval/mquake.py.")
+    common(mq, "recipe")
+    mq.add_argument("--dataset", default="mquake-hard", help="an MQuAKE-layout dataset (default: %(default)s)")
+    mq.add_argument("--cases", type=positive_int, default=None, help="a seeded subset of this many cases (default: all)")
+    mq.add_argument("--seed", type=int, default=0, help="seed of the subset (default: %(default)s)")
+    mq.add_argument("--all-edits", action="store_true",
+                    help="apply the edits of every chosen case, case after case, then score (lifelong editors)")
+    mq.add_argument("--mello", action="store_true", help="also score MeLLo-style decomposition (slower)")
+    mq.add_argument("--demos", type=positive_int, default=None,
+                    help="few-shot examples kept from each prompt file (default: all)")
+    mq.add_argument("--data-dir", default=None, help="data folder holding mquake/ (default: $RECIPE_DATA_DIR)")
+    mq.add_argument("--out", default=None, help="output folder (default: runs/mquake-<editor>-<dataset>-<model>)")
+    mq.set_defaults(func=cmd_mquake)
 
     ls = sub.add_parser("list", help="list models, editors and datasets")
     ls.set_defaults(func=cmd_list)

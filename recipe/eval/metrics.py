@@ -94,22 +94,29 @@ def natural_stop_hit(sentence: str, answers: Sequence[str], old_answers: Sequenc
     return not any(_spans(text, normalise(old)) for old in old_answers if old)
 
 
-class _SentenceEnded(StoppingCriteria):
-    """Stops each row once its new text holds a sentence end (the batch ends when every row has)."""
+class _TextStop(StoppingCriteria):
+    """Stops each row once its new text (leading whitespace dropped) matches ``pattern``; the batch ends
+    when every row has."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, pattern: re.Pattern):
+        self.tokenizer, self.pattern = tokenizer, pattern
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         # input_ids (B, n): the new tokens only (EditedLM generates from embeddings)
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        return torch.tensor([_SENTENCE_END.search(t.lstrip()) is not None for t in texts], device=input_ids.device)
+        return torch.tensor([self.pattern.search(t.lstrip()) is not None for t in texts], device=input_ids.device)
+
+
+def generate_until(lm: EditedLM, prompts: Sequence[str], pattern: re.Pattern, max_new_tokens: int,
+                   bar=None) -> list[str]:
+    """Greedy continuations that stop at EOS, once their text matches ``pattern`` (the text may run a
+    little past the match: cut it there) or after ``max_new_tokens``. ``bar``: advanced per batch."""
+    return lm.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=lm.tokenizer.eos_token_id,
+                       stopping_criteria=StoppingCriteriaList([_TextStop(lm.tokenizer, pattern)]),
+                       on_batch=bar.update if bar is not None else None)
 
 
 def generate_natural(lm: EditedLM, prompts: Sequence[str], bar=None) -> list[str]:
     """The first sentence of each greedy continuation that stops at EOS, at a sentence end or after
     ``NATURAL_STOP_CAP`` tokens (:func:`first_sentence`). ``bar``: advanced after each batch."""
-    texts = lm.generate(prompts, max_new_tokens=NATURAL_STOP_CAP, eos_token_id=lm.tokenizer.eos_token_id,
-                        stopping_criteria=StoppingCriteriaList([_SentenceEnded(lm.tokenizer)]),
-                        on_batch=bar.update if bar is not None else None)
-    return [first_sentence(t) for t in texts]
+    return [first_sentence(t) for t in generate_until(lm, prompts, _SENTENCE_END, NATURAL_STOP_CAP, bar)]
