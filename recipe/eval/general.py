@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from recipe.data.registry import resolve_data_dir
 from recipe.editors.base import Editor
-from recipe.eval import agreement as agree
 from recipe.errors import RecipeError, UnknownNameError
+from recipe.eval import agreement as agree
 from recipe.eval.editing import apply_edits
 from recipe.eval.general_sets import (  # noqa: F401  (items, prompts and scorers, also imported from here)
     Choice, Reading, choice_predictions, choice_prompt, load_anli, load_csqa, load_mmlu, load_squad,
