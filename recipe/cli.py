@@ -126,13 +126,13 @@ def cmd_eval(args) -> int:
     summaries = list(result.summaries.values())
     title = f"{args.editor} on {args.dataset} ({lm.spec.name}, seed {args.seed})"
     table = format_table(summaries, title)
+    if args.natural_stop:
+        table += "\n\nnatural stop (ns): " + "; ".join(
+            f"T={s['T']}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["ns"].items() if "/" not in k) for s in summaries)
     (out / "table.txt").write_text(table + "\n")
     (out / "run.json").write_text(json.dumps({"argv": args.argv, "editor_config": editor.state_dict()["config"]},
                                              indent=1, default=str))
     plot_metrics(summaries, out / "metrics.png", title)
-    if args.natural_stop:
-        table += "\n\nnatural stop (ns): " + "; ".join(
-            f"T={s['T']}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["ns"].items() if "/" not in k) for s in summaries)
     print(table)
     print(f"\nresults: {out}/ (summary.json, T*.jsonl per case, table.txt, metrics.png)")
     return 0

@@ -384,3 +384,16 @@ def test_natural_stop_column_in_the_loop(scripted, demo_cases, tmp_path):
     scripted.script = _script(scripted, f" {case.request.target_new}, not {case.request.target_true}. And")
     both = run_sequential(scripted, editor, demo_cases[:1], [1], natural_stop=True, progress=False).summaries[1]
     assert both["ns"]["reliability"] == 0.0 and both["em"]["reliability"] == 1.0  # exact match accepts it
+
+
+def test_cli_eval_natural_stop_flag(tiny, one_thread, tmp_path, monkeypatch, capsys):
+    from recipe import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny, load_editor(args.editor, tiny)))
+    argv = ["eval", "--editor", "none", "--dataset", "demo", "--edits", "1", "--cases", "2", "--out"]
+    assert cli.main(argv + [str(tmp_path / "plain")]) == 0
+    assert "ns" not in json.loads((tmp_path / "plain" / "summary.json").read_text())[0]
+    assert cli.main(argv + [str(tmp_path / "ns"), "--natural-stop"]) == 0
+    summary = json.loads((tmp_path / "ns" / "summary.json").read_text())[0]
+    assert summary["ns"]["locality"] == 1.0  # the none editor: the unedited model's own sentences
+    assert "natural stop (ns): T=1:" in (tmp_path / "ns" / "table.txt").read_text()
