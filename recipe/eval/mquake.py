@@ -192,6 +192,7 @@ def run_mquake(lm: EditedLM, editor: Editor, cases: Sequence[EditCase], prompts:
     result = {"editor": editor.name, "model": lm.spec.name, "seed": seed, "cases": len(chosen),
               "edits": sum(len(c.requests) for c in chosen), "all_at_once": all_at_once,
               "floor": summarise(floor), "edited": summarise(rows), "rows": rows, "floor_rows": floor}
+    log.info("mquake: floor %s; edited %s", result["floor"], result["edited"])
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "mquake.json").write_text(json.dumps(result, indent=1))
