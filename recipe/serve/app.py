@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query as Param, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -48,8 +49,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         message, param = _describe(exc.errors())
         return _error(400, message, param=param)
 
-    @app.exception_handler(HTTPException)
-    async def http(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)
+    async def http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         kind = detail.get("type", "invalid_request_error" if exc.status_code < 500 else "server_error")
         return _error(exc.status_code, detail["message"], kind, detail.get("code"), headers=exc.headers)
@@ -130,8 +131,7 @@ def _edit_routes(app: FastAPI) -> None:
 
     @app.post("/v1/edits", dependencies=admin)
     async def add_edits(body: EditsIn, request: Request):
-        items = body if isinstance(body, list) else [body]
-        facts = [Fact(e.prompt, e.target_new, e.subject) for e in items]
+        facts = [Fact(e.prompt, e.target_new, e.subject) for e in body.root]
         records = await _on_worker(request, lambda: request.app.state.engine.facts.add(facts))
         return {"object": "list", "data": [_record(r) for r in records]}
 

@@ -93,13 +93,14 @@ def read_facts(path: str | Path) -> list:
 
 
 def cmd_edit(args) -> int:
+    new = read_facts(args.facts) if args.facts is not None else None  # a bad file fails before the model loads
     facts = open_facts(args)
     try:
         if args.remove is not None:
             facts.remove(args.remove)
             print(f"removed edit {args.remove}")
-        if args.facts is not None:
-            for r in facts.add(read_facts(args.facts)):
+        if new is not None:
+            for r in facts.add(new):
                 print(f"{r.id}\t{r.prompt} -> {r.target_new}")
         if args.list:
             for r in facts.find():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, model_validator
 
 MAX_PROMPT_CHARS = 8_000  # one prompt or chat message
 MAX_PROMPTS = 16  # prompts in one completion request
@@ -114,4 +114,10 @@ class EditIn(_Strict):
         return self
 
 
-EditsIn = EditIn | Annotated[list[EditIn], Field(min_length=1, max_length=MAX_EDITS)]
+class EditsIn(RootModel[Annotated[list[EditIn], Field(min_length=1, max_length=MAX_EDITS)]]):
+    """``POST /v1/edits``: one fact or a list of them (all stored, or none)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_is_a_list(cls, value):
+        return [value] if isinstance(value, dict) else value
