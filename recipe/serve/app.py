@@ -57,6 +57,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     statuses = [(UnknownEditError, 404, "not_found"), (ConflictError, 409, "conflict"),
                 (BusyError, 503, "overloaded"), (RecipeError, 400, None)]
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        return _error(500, f"the server failed: {type(exc).__name__}: {exc}", "server_error")
+
     for cls, status, code in statuses:
         app.add_exception_handler(cls, lambda request, exc, s=status, c=code: _error(s, str(exc), code=c))
 

@@ -174,6 +174,10 @@ class Engine:
         try:
             completions = self._complete(queries, batch[0].sampling, batch[0].streamer)
         except BaseException as e:
+            if len(batch) > 1:  # one bad request fails alone, not the requests batched with it
+                for job in batch:
+                    self._run_generate([job])
+                return
             for job in batch:
                 if job.streamer is not None:
                     job.streamer.end()

@@ -158,7 +158,10 @@ class Facts:
             raise
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except Exception:  # the change is durable in the journal already; the next snapshot retries
+                log.exception("snapshot of %s failed", self.store.dir)
 
     # ---- applying operations (live and on replay) --------------------------------------------
     def _apply(self, op: dict, seq: int) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from recipe.errors import RecipeError
+from recipe.retrieval.repository_format import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class EditRecord:
 def normalise_prompt(prompt: str) -> str:
     """The key under which a fact is "stated again": case-folded, spaces collapsed, final punctuation off."""
     return " ".join(prompt.casefold().split()).rstrip(" ?.!:;,")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -193,11 +186,11 @@ class EditStore:
                 "model": snap.model, "editor_ids": {str(k): v for k, v in snap.editor_ids.items()},
                 "records": [r.to_json() for r in snap.records.values()]}
         _write_synced(work / STORE_JSON, json.dumps(meta, ensure_ascii=False).encode())
-        _fsync_dir(work)
+        fsync_dir(work)
         os.rename(work, final)
         _write_synced(self.dir / (CURRENT + ".tmp"), final.name.encode())
         os.replace(self.dir / (CURRENT + ".tmp"), self.dir / CURRENT)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._clean()
         return final
 
