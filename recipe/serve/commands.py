@@ -152,11 +152,13 @@ def cmd_serve(args) -> int:
 
 def add_parsers(sub, common) -> None:
     """The `serve`, `edit` and `generate` subcommands (``common`` adds --model/--editor/--config/--set)."""
+    from recipe.cli import positive_int
+
     def store_args(p):
         common(p, "recipe")
         p.add_argument("--store", required=True, metavar="DIR",
                        help="edit store folder: journal + snapshots, shared by serve, edit and generate")
-        p.add_argument("--snapshot-every", type=int, default=1000, metavar="N",
+        p.add_argument("--snapshot-every", type=positive_int, default=1000, metavar="N",
                        help="snapshot the editor every N changes (default: %(default)s; also on exit)")
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server whose facts are edited live (/v1/edits)",
@@ -177,7 +179,7 @@ def add_parsers(sub, common) -> None:
                                       "supersedes the stored one.")
     store_args(edit)
     edit.add_argument("--facts", default=None, metavar="FILE", help=FACTS_HELP)
-    edit.add_argument("--remove", type=int, default=None, metavar="ID", help="delete the edit with this id")
+    edit.add_argument("--remove", type=positive_int, default=None, metavar="ID", help="delete the edit with this id")
     edit.add_argument("--list", action="store_true", help="print every stored edit (id, prompt -> answer)")
     edit.set_defaults(func=cmd_edit)
 
@@ -186,5 +188,5 @@ def add_parsers(sub, common) -> None:
                                      "stderr. Without prompts, reads one prompt per line from stdin.")
     store_args(gen)
     gen.add_argument("prompt", nargs="*", help="prompts (default: one per line from stdin)")
-    gen.add_argument("--max-tokens", type=int, default=20, help="new tokens per prompt (default: %(default)s)")
+    gen.add_argument("--max-tokens", type=positive_int, default=20, help="new tokens per prompt (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from recipe.errors import RecipeError
-from recipe.retrieval.repository_format import fsync_dir
+from recipe.storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
