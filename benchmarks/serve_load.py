@@ -3,8 +3,9 @@ stored-edit counts, beside the same server with editor ``none``; edits per secon
 
     python benchmarks/serve_load.py --edits 0,1000 --clients 1,8,32 --seconds 10
 
-Each cell starts a fresh server on 127.0.0.1 with a fresh store, stores the edits (synthetic facts plus
-the 32 demo facts), then runs N clients that each send completion requests (demo prompts: edited facts,
+One server per setup (editor none; the editor with each stored-edit count), all on 127.0.0.1 with fresh
+stores: the edits are stored (synthetic facts plus the 32 demo facts), each server is warmed up for 2 s,
+then each cell runs N clients that each send completion requests (demo prompts: edited facts,
 paraphrases and unrelated prompts, greedy, ``--max-tokens`` new tokens) back to back for ``--seconds``.
 Writes one JSON (``--out``) and prints a Markdown table. Bounded: nothing leaves the loopback interface.
 """
@@ -141,21 +142,29 @@ def main() -> None:
     p.add_argument("serve_args", nargs="*", help="more `recipe serve` arguments (after --)")
     args = p.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    rows = []
-    for editor, counts in [("none", [0]), (args.editor, [int(n) for n in args.edits.split(",")])]:
-        for n in counts:
-            with tempfile.TemporaryDirectory() as store:
-                proc, url = start(args.model, editor, Path(store), args.serve_args)
-                try:
-                    fill = store_edits(url, facts(n)) if n else 0.0
-                    cells = [(c, False) for c in clients] + ([(8, True)] if editor != "none" else [])
-                    for c, editing in cells:  # last: 8 clients while a ninth stores edits back to back
-                        cell = load(url, args.model, c, args.seconds, args.max_tokens, edit_rate=editing)
-                        rows.append({"editor": editor, "stored_edits": n, "clients": c, "store_seconds": round(fill, 1), **cell})
-                        print(json.dumps(rows[-1]), flush=True)
-                finally:
-                    proc.terminate()
-                    proc.wait(120)
+    setups = [("none", 0)] + [(args.editor, int(n)) for n in args.edits.split(",")]
+    rows, servers = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for k, (editor, n) in enumerate(setups):  # all up at once; an idle server costs no CPU
+                proc, url = start(args.model, editor, Path(tmp) / f"store-{k}", args.serve_args)
+                servers.append((editor, n, proc, url, store_edits(url, facts(n)) if n else 0.0))
+                load(url, args.model, 8, 2.0, args.max_tokens)  # warm-up, not recorded
+            # cells interleaved (each client count on every server in turn), so that load from outside
+            # the benchmark drifts over all servers alike; last: 8 clients while a ninth stores edits
+            cells = [(c, False) for c in clients] + [(8, True)]
+            for c, editing in cells:
+                for editor, n, proc, url, fill in servers:
+                    if editing and editor == "none":
+                        continue
+                    cell = load(url, args.model, c, args.seconds, args.max_tokens, edit_rate=editing)
+                    rows.append({"editor": editor, "stored_edits": n, "clients": c, "store_seconds": round(fill, 1),
+                                 **cell})
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            for *_, proc, _, _ in servers:
+                proc.terminate()
+                proc.wait(120)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"argv": sys.argv[1:], "model": args.model, "max_tokens": args.max_tokens,

@@ -120,6 +120,17 @@ def test_an_edit_changes_the_answer_a_restatement_wins_and_deleting_restores_the
     assert (old["status"], old["superseded_by"]) == ("superseded", paris["id"])
     assert [e["id"] for e in server.admin.get("/v1/edits", params={"status": "active"}).json()["data"]] == [paris["id"]]
 
+    page = server.admin.get("/v1/edits", params={"limit": 1}).json()
+    assert [e["id"] for e in page["data"]] == [rome["id"]] and page["has_more"] and page["total"] == 2
+    assert [e["id"] for e in server.admin.get("/v1/edits", params={"text": "PARIS"}).json()["data"]] == [paris["id"]]
+    assert server.admin.get("/v1/edits", params={"subject": "France"}).json()["data"] == []
+
+    # PUT changes a fact under the same id
+    changed = server.admin.put(f"/v1/edits/{paris['id']}", json={"prompt": FRANCE, "target_new": "Rome"}).json()
+    assert (changed["id"], changed["target_new"]) == (paris["id"], "Rome")
+    text, audit = complete(client, FRANCE)
+    assert text.split()[0] == "Rome" and audit["edit_id"] == paris["id"]
+
     # retrieval in a chat sees the last user message, not the template around it
     chat = client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
         {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": FRANCE}])
@@ -209,8 +220,12 @@ def test_kill_9_during_a_burst_of_edits_loses_no_acknowledged_edit(tmp_path):
     store, acked, rng = tmp_path / "store", {}, random.Random(0)
     for round_ in range(5):
         srv = Server(tmp_path, store, FAST, "--snapshot-every", "15")  # snapshots also get cut
-        listed = {e["id"]: (e["prompt"], e["target_new"]) for e in srv.edits()}
-        assert {i: listed.get(i) for i in acked} == acked  # every acknowledged edit is back with its id
+        try:
+            listed = {e["id"]: (e["prompt"], e["target_new"]) for e in srv.edits()}
+            assert {i: listed.get(i) for i in acked} == acked  # every acknowledged edit is back with its id
+        except BaseException:
+            srv.stop()
+            raise
         stop = threading.Event()
 
         def burst(worker: int) -> None:
