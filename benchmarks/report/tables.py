@@ -199,3 +199,20 @@ def sources(path: Path) -> str:
         lines.append(f"| `{e['name']}` | [{e['repo']}](https://github.com/{e['repo']}) @ `{e['commit'][:12]}`: "
                      f"`{e['path']}` | {e['size']:,} | `{e['sha256']}` |")
     return "\n".join(lines)
+
+
+def serving(results: Results) -> str:
+    """``serve/serve_load.json``: throughput and latency per (editor, stored edits, clients), beside ``none``."""
+    rows = json.loads((results.root / "serve" / "serve_load.json").read_text())["rows"]
+    base = {r["clients"]: r["requests_per_s"] for r in rows if r["editor"] == "none" and "edits_per_s" not in r}
+    head = ["editor", "stored edits", "clients", "requests/s", "p50 s", "p95 s", "vs none", "edits/s while serving"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        storing = "edits_per_s" in r
+        ratio = "" if storing or r["clients"] not in base else f"{r['requests_per_s'] / base[r['clients']]:.2f}"
+        clients = f"{r['clients']} (+1 storing edits)" if storing else str(r["clients"])
+        lines.append("| " + " | ".join([r["editor"], f"{r['stored_edits']:,}", clients, f"{r['requests_per_s']:.2f}",
+                                        f"{r['p50_s']:.3f}", f"{r['p95_s']:.3f}", ratio,
+                                        f"{r['edits_per_s']:.2f}" if storing else ""]) + " |")
+    return "\n".join(lines)
+
