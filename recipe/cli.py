@@ -56,6 +56,13 @@ def _count_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
 
+def default_device() -> str:
+    """A GPU when torch sees one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _load(args):
     from recipe.editors import load_editor
     from recipe.editors.base import editor_config
@@ -64,7 +71,11 @@ def _load(args):
 
     config = editor_config(args.editor, args.config, **_parse_overrides(args.set))  # fail before the model loads
     get_spec(args.model)
-    model, tokenizer, spec = load_model(args.model)
+    if getattr(args, "data_dir", None):  # where the editors find their own text (ROME/MEMIT: WikiText)
+        from recipe.data.registry import DATA_DIR_ENV
+
+        os.environ[DATA_DIR_ENV] = args.data_dir
+    model, tokenizer, spec = load_model(args.model, device=args.device or default_device())
     lm = EditedLM(model, tokenizer, spec, max_batch=args.batch_size)
     editor = load_editor(args.editor, lm, config)
     return lm, editor
@@ -119,7 +130,7 @@ def cmd_eval(args) -> int:
 
     cases = load_dataset(args.dataset, args.data_dir)
     lm, editor = _load(args)
-    out = Path(args.out or f"runs/{args.editor}-{args.dataset}-{lm.spec.name.replace('/', '_')}")
+    out = Path(args.out or f"runs/{args.editor}-{_dataset_slug(args.dataset)}-{lm.spec.name.replace('/', '_')}")
     result = run_sequential(lm, editor, cases, args.edits, n_cases=args.cases, seed=args.seed,
                             free_generation=not args.no_generation, natural_stop=args.natural_stop, out_dir=out, resume=args.resume,
                             score_cases=args.score_cases, checkpoint_every=args.checkpoint_every,
@@ -137,6 +148,11 @@ def cmd_eval(args) -> int:
     print(table)
     print(f"\nresults: {out}/ (summary.json, T*.jsonl per case, table.txt, metrics.png)")
     return 0
+
+
+def _dataset_slug(dataset: str) -> str:
+    """A registered name as it is; a file by its name without suffixes (``my-edits.json`` -> ``my-edits``)."""
+    return Path(dataset).name.split(".")[0] or dataset
 
 
 def cmd_general(args) -> int:
@@ -180,15 +196,24 @@ def cmd_mquake(args) -> int:
 
 def cmd_list(args) -> int:
     from recipe.data import DATASETS
+    from recipe.data.registry import DATA_DIR_ENV, dataset_present
     from recipe.editors import EDITORS
     from recipe.models import known_models
 
     print("models:   ", ", ".join(known_models()), "(or any Hugging Face id / local folder)")
     print("editors:  ", ", ".join(sorted(EDITORS)))
-    print("datasets:")
+    where = args.data_dir or os.environ.get(DATA_DIR_ENV)
+    print(f"datasets ([x] present in the data folder {where or f'(none: --data-dir or ${DATA_DIR_ENV})'}):")
     for name, spec in sorted(DATASETS.items()):
-        print(f"  {name:<22} {spec.description}")
+        print(f"  [{'x' if dataset_present(name, args.data_dir) else ' '}] {name:<22} {spec.description}")
+    print("  or the path of your own JSON file in a supported format (recipe.data.formats)")
     return 0
+
+
+def cmd_train(args) -> int:
+    from train.cli import main as train_main
+
+    return train_main(args.train_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,12 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one editor config key, e.g. --set steps=20 (repeatable)")
         p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default: %(default)s)")
+        p.add_argument("--device", default=None,
+                       help="torch device of the model, e.g. cpu, cuda, cuda:1, mps (default: a GPU when torch sees one, else cpu)")
 
     demo = sub.add_parser("demo", help="edit the bundled model with the built-in demo facts and show "
                                        "generate() before/after for edit prompts, paraphrases and unrelated prompts")
     common(demo, "recipe")
     demo.add_argument("--edits", type=positive_int, default=8, help="how many demo edits to apply (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=8, help="tokens generated per prompt (default: %(default)s)")
+    demo.add_argument("--data-dir", default=None, help="data folder; ROME/MEMIT/AlphaEdit read WikiText there for "
+                                                       "their key statistics (default: $RECIPE_DATA_DIR)")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="sequential-edit evaluation: T edits one at a time, then score all T",
@@ -222,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "edits one at a time -> score all T (teacher-forced and greedy exact match) "
                                     "-> roll back; for each T.")
     common(ev, "ft")
-    ev.add_argument("--dataset", required=True, help="dataset name (see `recipe list`)")
+    ev.add_argument("--dataset", required=True, help="dataset name (see `recipe list`) or the path of your own "
+                                                     "JSON file (zsRE, CounterFact, KnowEdit, RippleEdits or MQuAKE layout)")
     ev.add_argument("--edits", type=positive_ints, default="1,10,100", help="comma-separated T values (default: %(default)s)")
     ev.add_argument("--cases", type=positive_int, default=None,
                     help="cases scored per T, cut into rounds of T edits (default: the largest T); "
@@ -301,8 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     from recipe.serve.commands import add_parsers
 
     add_parsers(sub, common)
-    ls = sub.add_parser("list", help="list models, editors and datasets")
+    ls = sub.add_parser("list", help="list models, editors and datasets (marking those present in the data folder)")
+    ls.add_argument("--data-dir", default=None, help="data folder (default: $RECIPE_DATA_DIR)")
     ls.set_defaults(func=cmd_list)
+
+    tr = sub.add_parser("train", add_help=False, help="train RECIPE, MEND or the verifier for any model "
+                                                      "(`recipe train recipe --help`)")
+    tr.add_argument("train_args", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,29 +1,25 @@
 """Train RECIPE's retriever, prompt encoder and sentinel against a frozen LM, then export the artefact.
 
-    python -m train.recipe --config configs/train/recipe.yaml [--max-steps N] [--fast-dev-run]
-        [--wandb online|offline|disabled] [--out checkpoints/recipe-smollm2] [--run-dir runs/recipe-smollm2]
-        [--val-every N]
-        [--data-dir PATH] [--precision bf16-mixed|32-true] [--accelerator cpu|gpu] [--devices N]
+    recipe train recipe --model smollm2-135m [--config recipe-finetune] [--max-steps N] [--fast-dev-run]
+        [--out DIR] [--run-dir DIR] [--data-dir PATH] [--devices N --strategy ddp] [--force] [--print-config]
 
+(``python -m train.recipe ARGS`` is the same command; train.cli builds it: every config field is a flag.)
 Lightning checkpoints go to ``<run_dir>/checkpoints/last.ckpt`` (every ``val_every`` steps and at the
 end); a run whose ``last.ckpt`` exists resumes from it (``--no-resume`` starts afresh). Weights &
 Biases logs offline by default (``--wandb``, else ``$WANDB_MODE``, else the config). At the end the
-trained networks are exported (fp16 safetensors + ``recipe.json``) to ``out``: the folder that
-``configs/editors/recipe.yaml``'s ``checkpoint`` loads.
+trained networks are exported (fp16 safetensors + ``recipe.json``) to ``out`` (default
+``runs/recipe-<model>/export``): the folder that ``recipe.yaml``'s editor ``checkpoint`` names.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import ClassVar, Sequence
 
-from recipe.config import load_config
 from recipe.errors import ConfigError, RecipeError
 from recipe.artifacts import DEFAULT_SEPARATOR, load_recipe_artifact, save_recipe_artifact
 from recipe.editors.recipe import PrefixMode, RecipeNetworks
@@ -31,6 +27,7 @@ from recipe.lm import EditedLM
 from recipe.retrieval.encoders import RecipeArchitecture
 from recipe.retrieval.sentinel import SentinelMode
 from recipe.types import EditCase
+from train.callbacks import DurationEstimate, StepTimer
 from train.config import Precision, TrainConfig
 from train.data import RecipeDataModule
 from train.module import LossWeights, RecipeModule
@@ -41,6 +38,8 @@ log = logging.getLogger("train.recipe")
 @dataclass(kw_only=True)
 class RecipeTrainConfig(TrainConfig):
     """RECIPE's trainer; the shared settings are documented in train.config.TrainConfig."""
+
+    kind: ClassVar[str] = "recipe"
 
     model: str = "smollm2-135m"  # the frozen LM (configs/models/ name, HF id or folder)
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # shapes of the networks
@@ -60,8 +59,6 @@ class RecipeTrainConfig(TrainConfig):
     val_every: int = 500
     limit_val_batches: int = 16
     precision: Precision = "bf16-mixed"
-    run_dir: str = "runs/recipe-smollm2"
-    out: str = "checkpoints/recipe-smollm2"
 
 
 @dataclass
@@ -76,40 +73,6 @@ def load_lm(name: str) -> EditedLM:
 
     model, tokenizer, spec = load_model(name)
     return EditedLM(model, tokenizer, spec)
-
-
-def _step_timer(every: int = 10):
-    """A callback that logs the wall time of every training batch (``train/step_s``, validation excluded)
-    and, every ``every`` steps, one progress line (step, s/step, loss terms) to the ``train.recipe``
-    logger, so a background run's log shows where it is even when the progress bar is buffered."""
-    import time
-
-    from lightning.pytorch.callbacks import Callback
-
-    class StepTimer(Callback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self._t0)
-            pl_module.log("train/step_s", self.times[-1], batch_size=len(batch))
-            step = trainer.global_step
-            if every and step % every == 0:
-                m = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
-                     if k.startswith("train/") and k != "train/step_s"}
-                recent = self.times[-every:]
-                log.info("step %d/%d  %.2f s/step  %s", step, trainer.max_steps, sum(recent) / len(recent),
-                         "  ".join(f"{k} {v:.3f}" for k, v in sorted(m.items())))
-
-        def on_train_end(self, trainer, pl_module):
-            if self.times:
-                log.info("%.2f s/step (mean of %d training steps, validation excluded)",
-                         sum(self.times) / len(self.times), len(self.times))
-
-    return StepTimer()
 
 
 def _logger(cfg: TrainConfig, run_dir: Path):
@@ -135,7 +98,7 @@ def fit(cfg, module, *, fast_dev_run: bool, resume: bool, progress: bool, fit_kw
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     logger = None if fast_dev_run else _logger(cfg, run_dir)
-    callbacks = [_step_timer(cfg.log_every)] + ([] if fast_dev_run else [
+    callbacks = [StepTimer(cfg.log_every), DurationEstimate()] + ([] if fast_dev_run else [
         ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=cfg.val_every)])
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -164,6 +127,7 @@ def train(cfg: RecipeTrainConfig, *, lm: EditedLM | None = None, cases: Sequence
 
     ``lm`` and ``cases`` are injectable (tests pass the tiny LM and the demo edits).
     """
+    cfg = cfg.resolved()
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -191,43 +155,15 @@ def train(cfg: RecipeTrainConfig, *, lm: EditedLM | None = None, cases: Sequence
     return TrainResult(artifact, trainer.global_step, metrics)
 
 
-def run_cli(argv: Sequence[str] | None, *, prog: str, doc: str, config_cls: type, default_config: str,
-            train_fn: Callable) -> int:
-    """The command line shared by ``train.recipe`` and ``train.mend``: flags override the YAML config."""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    p.add_argument("--config", default=default_config, help=f"{config_cls.__name__} YAML (checked strictly)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--val-every", type=int, help="steps between validations and last.ckpt saves")
-    p.add_argument("--fast-dev-run", action="store_true", help="one train and one validation batch, no logging")
-    p.add_argument("--wandb", choices=["online", "offline", "disabled"], help="default: $WANDB_MODE, else the config")
-    p.add_argument("--out", help="where the exported artefact goes")
-    p.add_argument("--run-dir", help="Lightning checkpoints and W&B files")
-    p.add_argument("--data-dir", help="dataset folder (default: $RECIPE_DATA_DIR)")
-    p.add_argument("--limit-per-dataset", type=int)
-    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed"])
-    p.add_argument("--accelerator")
-    p.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v)
-    p.add_argument("--strategy")
-    p.add_argument("--init-from", help="exported artefact folder to start from (default: the config's init_from)")
-    p.add_argument("--no-resume", action="store_true", help="ignore <run_dir>/checkpoints/last.ckpt")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    wandb = args.wandb or os.environ.get("WANDB_MODE")
-    if wandb == "dryrun":
-        wandb = "offline"
-    overrides = {"max_steps": args.max_steps, "val_every": args.val_every, "wandb": wandb, "out": args.out,
-                 "run_dir": args.run_dir, "data_dir": args.data_dir, "limit_per_dataset": args.limit_per_dataset,
-                 "precision": args.precision, "accelerator": args.accelerator, "devices": args.devices,
-                 "strategy": args.strategy, "init_from": args.init_from}
-    cfg = load_config(config_cls, args.config, **overrides)
-    result = train_fn(cfg, fast_dev_run=args.fast_dev_run, resume=not args.no_resume)
-    log.info("exported %s after %d steps", result.artifact, result.global_step)
-    return 0
+def run_cli(argv: Sequence[str] | None, kind: str) -> int:
+    """``python -m train.<kind> ARGS`` is ``recipe train <kind> ARGS`` (train.cli)."""
+    from train.cli import main as train_main
+
+    return train_main([kind, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, prog="python -m train.recipe", doc=__doc__, config_cls=RecipeTrainConfig,
-                   default_config="configs/train/recipe.yaml", train_fn=train)
+    return run_cli(argv, "recipe")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the EditVerifier (recipe/retrieval/verifier.py) with Lightning, then export it.
 
-    python -m train.verifier --config configs/train/verifier.yaml [--max-steps N] [--fast-dev-run]
-        [--wandb online|offline|disabled] [--out checkpoints/recipe-verifier] [--run-dir runs/verifier]
+    recipe train verifier [--max-steps N] [--fast-dev-run] [--out DIR] [--data-dir PATH] [--force]
+        [--print-config]     (= python -m train.verifier ...)
 
 Pairs (query, statement) come from the same training sets as RECIPE (``train.data.TRAIN_DATASETS``,
 never the evaluation files): label 1 for the edit prompt and up to ``positives`` of its generality
@@ -10,7 +10,7 @@ probes (rephrases, aliases, logical/reasoning questions about the edited fact), 
 relation; CounterFact's neighbourhood: the same relation, another subject; zsRE's unrelated NQ
 questions) plus the prompt of one other random edit. Loss: binary cross-entropy. Logged: loss,
 accuracy, acceptance of positives, rejection of negatives (train and held-out validation cases).
-Resumes from ``<run_dir>/checkpoints/last.ckpt``; W&B offline by default; the CLI is train.recipe's.
+Resumes from ``<run_dir>/checkpoints/last.ckpt``; W&B offline by default; the CLI is train.cli's.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ Pair = tuple[str, str, float]  # (query, statement, label)
 class VerifierTrainConfig(TrainConfig):
     """The EditVerifier's trainer; the shared settings are documented in train.config.TrainConfig."""
 
+    kind: ClassVar[str] = "verifier"
+
     architecture: VerifierArchitecture = field(default_factory=VerifierArchitecture)  # the cross-encoder's shape
     positives: int = 3  # generality probes per edit (besides its prompt)
     negatives: int = 3  # locality probes per edit (besides one other edit's prompt)
@@ -50,8 +52,6 @@ class VerifierTrainConfig(TrainConfig):
     val_every: int = 100
     limit_val_batches: int = 20
     precision: Precision = "32-true"
-    run_dir: str = "runs/verifier"
-    out: str = "checkpoints/recipe-verifier"
 
 
 def case_pairs(cases: Sequence[EditCase], positives: int, negatives: int, seed: int) -> list[Pair]:
@@ -140,6 +140,7 @@ class VerifierTrainResult:
 def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] | None = None,
           fast_dev_run: bool = False, resume: bool = True, progress: bool = True) -> VerifierTrainResult:
     """Fit (resuming from ``<run_dir>/checkpoints/last.ckpt``) and export; ``cases_by_set`` is injectable."""
+    cfg = cfg.resolved()
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -171,8 +172,7 @@ def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, prog="python -m train.verifier", doc=__doc__, config_cls=VerifierTrainConfig,
-                   default_config="configs/train/verifier.yaml", train_fn=train)
+    return run_cli(argv, "verifier")
 
 
 if __name__ == "__main__":

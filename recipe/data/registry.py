@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from recipe.data.common import DataDirError, UnknownDatasetError, find_file
+from recipe.data.common import DataDirError, DatasetNotFoundError, UnknownDatasetError, find_file
 from recipe.data.counterfact import load_counterfact, load_counterfact_rome
 from recipe.data.demo import load_demo
 from recipe.data.mquake import load_mquake
@@ -125,18 +125,44 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return path
 
 
+def is_dataset_file(name: str) -> bool:
+    """True when ``name`` is no registered dataset but names a file (a path or a ``.json`` name)."""
+    return name not in DATASETS and (Path(name).expanduser().is_file() or name.endswith((".json", ".json.xz")))
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[EditCase]:
-    """The ``EditCase``s of the registered dataset ``name`` (the first ``limit`` of them when given)."""
-    if name not in DATASETS:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    """The ``EditCase``s of the registered dataset ``name``, or of a JSON file in a supported layout
+    (:mod:`recipe.data.formats`); the first ``limit`` of them when given."""
     if limit is not None and limit < 0:
         raise RecipeError(f"limit must be >= 0, got {limit}")
+    if is_dataset_file(name):
+        from recipe.data.formats import load_dataset_file
+
+        return load_dataset_file(name, limit)
+    if name not in DATASETS:
+        raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))} "
+                                  "(or the path of a JSON file in a supported format, see recipe.data.formats)")
     spec = DATASETS[name]
     paths = []
     if spec.files:
         root = resolve_data_dir(data_dir)
         paths = [find_file(root, relative, spec.source) for relative in spec.files]
     return spec.load(*paths, dataset=name, limit=limit)
+
+
+def dataset_present(name: str, data_dir: str | Path | None = None) -> bool:
+    """True when every file of the registered dataset ``name`` is in the data folder (always for shipped data)."""
+    spec = DATASETS[name]
+    if not spec.files:
+        return True
+    try:
+        root = resolve_data_dir(data_dir)
+    except DataDirError:
+        return False
+    try:
+        return all(find_file(root, relative) for relative in spec.files)
+    except DatasetNotFoundError:
+        return False
 
 
 def load_wikitext(data_dir: str | Path | None = None, split: str = "test", min_words: int = 10) -> list[str]:

@@ -29,9 +29,10 @@ def _load_lm(args):
 
         model, tokenizer, spec = tiny_model()
     else:
+        from recipe.cli import default_device
         from recipe.models import load_model
 
-        model, tokenizer, spec = load_model(args.model)
+        model, tokenizer, spec = load_model(args.model, device=args.device or default_device())
     return EditedLM(model, tokenizer, spec, max_batch=args.batch_size)
 
 
