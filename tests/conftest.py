@@ -55,6 +55,18 @@ def tiny(_tiny_built):
     return copy.deepcopy(lm)
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny model saved as a Hugging Face folder (``--model FOLDER`` on the command line)."""
+    from recipe.testing import tiny_model
+
+    model, tokenizer, _ = tiny_model()
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one torch thread (and far faster than two on a busy machine)."""
