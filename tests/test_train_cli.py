@@ -97,3 +97,44 @@ def test_two_steps_from_any_folder_write_under_runs_and_refuse_a_second_run(tiny
     out = tmp_path / "given"
     assert main(["recipe", "--model", str(tiny_folder), *TINY, "--out", str(out), "--no-resume"]) == 0
     assert (out / "recipe.json").is_file()
+
+
+def test_keys_of_other_processes_are_negatives_unless_they_share_the_querys_statement():
+    from train.data import TrainExample
+    from train.module import RecipeModule
+
+    def ex(name, paraphrase=None, loc=None):
+        return TrainExample(prompt=f"{name}?", target="x", paraphrase=paraphrase or f"{name}, again?",
+                            locality_prompt=loc, locality_answer="y" if loc else None)
+
+    batch = [ex("a", loc="unrelated?"), ex("b")]
+    other = [ex("a", paraphrase="a, said otherwise?"), ex("d")]  # another process's batch: its first edit is a's
+    conflicts = RecipeModule._conflicts(batch, [0], other + batch, offset=2)  # rows: a, b, a', b', loc(a)
+    assert conflicts.shape == (5, 4)
+    assert conflicts[0].tolist() == [True, False, False, False]  # c is no fair negative for a; own key a kept
+    assert conflicts[2].tolist() == [True, False, False, False]
+    assert not conflicts[1].any() and not conflicts[4].any()  # the locality row keeps every key, own included
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_score_every_query_against_both_batches(tiny_folder, tmp_path):
+    """DDP (gloo) on the CPU: each process's retrieval softmax runs over the keys of both batches."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(repo_root()), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "train.cli", "recipe", "--model", str(tiny_folder), *TINY, "--max-steps", "3",
+            "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((tmp_path / "runs" / "recipe-tiny-llama" / "export" / "recipe.json").read_text())
+    metrics = meta["training"]["last_metrics"]
+    assert meta["training"]["steps"] == 3
+    assert metrics["train/retrieval/keys"] == 2 * 4  # 2 processes x batch 4: the other batch's keys are negatives
+    single = subprocess.run(argv[:-6] + ["--out", "single"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads((tmp_path / "single" / "recipe.json").read_text())["training"]["last_metrics"][
+        "train/retrieval/keys"] == 4

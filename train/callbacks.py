@@ -29,14 +29,14 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._t0)
         pl_module.log("train/step_s", self.times[-1], batch_size=len(batch))
         step = trainer.global_step
-        if self.every and step % self.every == 0:
+        if self.every and step % self.every == 0 and trainer.is_global_zero:
             m = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
                  if k.startswith("train/") and k != "train/step_s"}
             log.info("step %d/%d  %.2f s/step  %s", step, trainer.max_steps, _mean(self.times[-self.every:]),
                      "  ".join(f"{k} {v:.3f}" for k, v in sorted(m.items())))
 
     def on_train_end(self, trainer, pl_module):
-        if self.times:
+        if self.times and trainer.is_global_zero:
             log.info("%.2f s/step (mean of %d training steps, validation excluded)", _mean(self.times), len(self.times))
 
 
@@ -52,7 +52,7 @@ class DurationEstimate(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
-        if len(self.times) != min(self.after, trainer.max_steps):
+        if len(self.times) != min(self.after, trainer.max_steps) or not trainer.is_global_zero:
             return
         per_step = _mean(self.times[1:] or self.times)
         left = max(0, trainer.max_steps - trainer.global_step)

@@ -129,9 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as err:
         print(f"recipe train: error: {err}", file=sys.stderr)
         return 2
-    log.info("training %s: checkpoints in %s, artefact to %s", kind, cfg.run_dir, cfg.out)
+    from lightning.pytorch.utilities import rank_zero_info  # with several processes, the first one speaks
+
+    rank_zero_info(f"training {kind}: checkpoints in {cfg.run_dir}, artefact to {cfg.out}")
     result = _trainers()[kind].train(cfg, fast_dev_run=options["fast_dev_run"], resume=not options["no_resume"])
-    log.info("exported %s after %d steps", result.artifact, result.global_step)
+    rank_zero_info(f"exported {result.artifact} after {result.global_step} steps")
     return 0
 
 

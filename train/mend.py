@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Sequence
 
 import lightning as L
@@ -190,8 +191,10 @@ def train(cfg: MENDTrainConfig, *, lm: EditedLM | None = None, cases: Sequence[E
     trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
                   fit_kwargs={"datamodule": data}, inference_mode=False)  # validation takes the raw gradient (pass 1)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    artifact = save_mend_artifact(networks, lm, cfg.out, extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
-                                                                "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    artifact = Path(cfg.out)
+    if trainer.is_global_zero:  # with several processes, one writes the artefact
+        artifact = save_mend_artifact(networks, lm, cfg.out, extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
+                                                                    "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return TrainResult(artifact, trainer.global_step, metrics)
 
 

@@ -12,6 +12,10 @@ locality prompts x_i, scores s(q, k) = r_q . r_k / sqrt(D) and the sentinel's s(
   unrelated inputs even when retrieved by mistake, as in the paper)
 
 with p_i the prefix built from k_i (oracle retrieval). All weights default to 1. The LM never trains.
+
+With several processes (``--devices N --strategy ddp``) each has its own batch; the knowledge keys k_j
+of all N batches are gathered with their gradient (``all_gather(sync_grads=True)``), so the retrieval
+softmaxes run over all N·B keys as in one batch of N·B edits; the edit losses stay per process.
 """
 from __future__ import annotations
 
@@ -81,44 +85,65 @@ class RecipeModule(L.LightningModule):
         return self
 
     # ---- the losses --------------------------------------------------------------------------
+    def _all_keys(self, r_k: Tensor, batch: Sequence[TrainExample]) -> tuple[Tensor, list[TrainExample], int]:
+        """The knowledge keys every query is scored against: with several processes (DDP) those of every
+        process's batch, gathered with their gradient (each process's keys are the others' negatives, as
+        one large batch would have them); else this batch's. Returns keys (N, D), their examples and the
+        index of this batch's first key among them."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return r_k, list(batch), 0
+        import torch.distributed as dist
+
+        keys = self.all_gather(r_k, sync_grads=True)  # (W, B, D); the loader drops uneven last batches
+        parts: list[list[TrainExample]] = [[] for _ in range(trainer.world_size)]
+        dist.all_gather_object(parts, list(batch))
+        return keys.reshape(-1, r_k.shape[-1]), [e for part in parts for e in part], trainer.global_rank * len(batch)
+
     def _retrieval(self, batch: Sequence[TrainExample], loc_rows: list[int]):
-        """r_k (B, D) and the retrieval losses/metrics of one batch."""
+        """r_k (B, D) of this batch and the retrieval losses/metrics, negatives from every process's batch."""
         enc, B = self.networks.encoder, len(batch)
         texts = ([e.statement for e in batch] + [e.prompt for e in batch] + [e.paraphrase for e in batch]
                  + [batch[i].locality_prompt for i in loc_rows])
         feats = enc.features(texts)  # (B + 2B + n_loc, 2d)
         r_k = enc.knowledge_head(feats[:B])  # (B, D)
         r_q = enc.query_head(feats[B:])  # (2B + n_loc, D)
-        scores = enc.score(r_q, r_k)  # (Q, B)
+        keys, key_examples, offset = self._all_keys(r_k, batch)
+        N = len(key_examples)  # B, or W * B with W processes
+        scores = enc.score(r_q, keys)  # (Q, N)
         sentinel = self.networks.sentinel(r_q)  # (Q,)
-        scores = scores.masked_fill(self._conflicts(batch, loc_rows).to(scores.device), -math.inf)  # other rows that are also right
-        logits = torch.cat([scores, sentinel[:, None]], dim=1)  # (Q, B + 1); column B is the sentinel
-        own = torch.arange(B, device=logits.device).repeat(2)  # (2B,)
+        conflicts = self._conflicts(batch, loc_rows, key_examples, offset)  # other keys that are also right
+        scores = scores.masked_fill(conflicts.to(scores.device), -math.inf)
+        logits = torch.cat([scores, sentinel[:, None]], dim=1)  # (Q, N + 1); column N is the sentinel
+        own = offset + torch.arange(B, device=logits.device).repeat(2)  # (2B,)
         edit_logits = logits[:2 * B]
-        without_own = edit_logits.masked_fill(F.one_hot(own, B + 1).bool(), -math.inf)
-        sentinel_col = torch.full_like(own, B)
+        without_own = edit_logits.masked_fill(F.one_hot(own, N + 1).bool(), -math.inf)
+        sentinel_col = torch.full_like(own, N)
         losses = {"retrieval_edit": F.cross_entropy(edit_logits, own),
                   "retrieval_sentinel": F.cross_entropy(without_own, sentinel_col)}
         own_score = edit_logits.gather(1, own[:, None])[:, 0]  # (2B,)
         metrics = {"retrieval/top1": (scores[:2 * B].argmax(1) == own).float().mean(),
+                   "retrieval/keys": torch.tensor(float(N)),  # own key + negatives each query is scored against
                    "sentinel/accept_prompt": (own_score[:B] > sentinel[:B]).float().mean(),
                    "sentinel/accept_paraphrase": (own_score[B:] > sentinel[B:2 * B]).float().mean()}
         if loc_rows:
             loc_logits = logits[2 * B:]
-            losses["retrieval_locality"] = F.cross_entropy(loc_logits, torch.full_like(loc_logits[:, 0], B).long())
+            losses["retrieval_locality"] = F.cross_entropy(loc_logits, torch.full_like(loc_logits[:, 0], N).long())
             metrics["sentinel/reject_locality"] = (sentinel[2 * B:] > scores[2 * B:].amax(1)).float().mean()
         return r_k, losses, metrics
 
     @staticmethod
-    def _conflicts(batch: Sequence[TrainExample], loc_rows: list[int]) -> Tensor:
-        """(Q, B) True where key j is not a fair negative for query row q (same prompt or statement)."""
-        B = len(batch)
+    def _conflicts(batch: Sequence[TrainExample], loc_rows: list[int], keys: Sequence[TrainExample] | None = None,
+                   offset: int = 0) -> Tensor:
+        """(Q, N) True where key j (of ``keys``, default ``batch``; this batch's own keys start at ``offset``)
+        is not a fair negative for query row q: it shares the query's prompt or the query's statement."""
+        keys = list(batch) if keys is None else keys
         rows = [(i, e.prompt) for i, e in enumerate(batch)] + [(i, e.paraphrase) for i, e in enumerate(batch)]
         rows += [(-1, batch[i].locality_prompt) for i in loc_rows]
-        out = torch.zeros(len(rows), B, dtype=torch.bool)
+        out = torch.zeros(len(rows), len(keys), dtype=torch.bool)
         for q, (i, text) in enumerate(rows):
-            for j, e in enumerate(batch):
-                if j != i and (text in (e.prompt, e.paraphrase) or (i >= 0 and e.statement == batch[i].statement)):
+            for j, e in enumerate(keys):
+                if (i < 0 or j != offset + i) and (text in (e.prompt, e.paraphrase) or (i >= 0 and e.statement == batch[i].statement)):
                     out[q, j] = True
         return out
 

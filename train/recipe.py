@@ -149,9 +149,11 @@ def train(cfg: RecipeTrainConfig, *, lm: EditedLM | None = None, cases: Sequence
     trainer = fit(cfg, module, fast_dev_run=fast_dev_run, resume=resume, progress=progress,
                   fit_kwargs={"datamodule": data})
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    artifact = save_recipe_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
-                                    extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
-                                           "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    artifact = Path(cfg.out)
+    if trainer.is_global_zero:  # with several processes, one writes the artefact
+        artifact = save_recipe_artifact(networks, lm, cfg.out, cfg.prefix_mode, statement_separator=cfg.statement_separator,
+                                        extra={"steps": trainer.global_step, "datasets": list(cfg.datasets),
+                                               "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return TrainResult(artifact, trainer.global_step, metrics)
 
 

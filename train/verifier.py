@@ -164,10 +164,12 @@ def train(cfg: VerifierTrainConfig, *, cases_by_set: dict[str, list[EditCase]] |
     if val_pairs:  # the held-out metrics of the exported weights, also when the fit resumed at max_steps
         metrics.update({k: float(v) for k, v in trainer.validate(module, dataloaders=loader(val_pairs, False),
                                                                   verbose=False)[0].items()})
-    artifact = save_verifier(verifier, cfg.out, cfg.threshold,
-                             extra={"steps": trainer.global_step, "datasets": list(cases_by_set),
-                                    "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
-                                    "config": dataclasses.asdict(cfg), "last_metrics": metrics})
+    artifact = Path(cfg.out)
+    if trainer.is_global_zero:  # with several processes, one writes the artefact
+        artifact = save_verifier(verifier, cfg.out, cfg.threshold,
+                                 extra={"steps": trainer.global_step, "datasets": list(cases_by_set),
+                                        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                                        "config": dataclasses.asdict(cfg), "last_metrics": metrics})
     return VerifierTrainResult(artifact, trainer.global_step, metrics)
 
 
