@@ -14,19 +14,33 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-class StepTimer(Callback):
-    """Logs the wall time of every training batch (``train/step_s``, validation excluded) and, every
-    ``every`` steps, one progress line (step, s/step, loss terms), so a background run's log shows where it
-    is even when the progress bar is buffered."""
+class _BatchTimes(Callback):
+    """Records the wall time of every training batch in ``times``, then calls ``after_batch``."""
 
-    def __init__(self, every: int = 10):
-        self.every, self.times = every, []
+    def __init__(self):
+        self.times: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
+        self.after_batch(trainer, pl_module, batch)
+
+    def after_batch(self, trainer, pl_module, batch) -> None:
+        raise NotImplementedError
+
+
+class StepTimer(_BatchTimes):
+    """Logs the wall time of every training batch (``train/step_s``, validation excluded) and, every
+    ``every`` steps, one progress line (step, s/step, loss terms), so a background run's log shows where it
+    is even when the progress bar is buffered."""
+
+    def __init__(self, every: int = 10):
+        super().__init__()
+        self.every = every
+
+    def after_batch(self, trainer, pl_module, batch):
         pl_module.log("train/step_s", self.times[-1], batch_size=len(batch))
         step = trainer.global_step
         if self.every and step % self.every == 0 and trainer.is_global_zero:
@@ -40,18 +54,15 @@ class StepTimer(Callback):
             log.info("%.2f s/step (mean of %d training steps, validation excluded)", _mean(self.times), len(self.times))
 
 
-class DurationEstimate(Callback):
+class DurationEstimate(_BatchTimes):
     """After ``after`` training steps (the first one, which warms caches up, not counted), logs seconds per
-    step × the steps still to run: ``estimated total ... (... left)``; validations come on top."""
+    step × the run's steps: ``estimated duration ... in all, ... left``; validations come on top."""
 
     def __init__(self, after: int = 3):
-        self.after, self.times = after, []
+        super().__init__()
+        self.after = after
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
+    def after_batch(self, trainer, pl_module, batch):
         if len(self.times) != min(self.after, trainer.max_steps) or not trainer.is_global_zero:
             return
         per_step = _mean(self.times[1:] or self.times)
