@@ -81,9 +81,13 @@ def test_shipped_checkpoints_are_never_overwritten_by_default(tmp_path):
 
 def test_two_steps_from_any_folder_write_under_runs_and_refuse_a_second_run(tiny_folder, tmp_path, monkeypatch,
                                                                            caplog, capsys):
+    from recipe.cli import main as recipe_main
+
     monkeypatch.chdir(tmp_path)
-    caplog.set_level(logging.INFO, logger="train")
-    assert main(["recipe", "--model", str(tiny_folder), *TINY]) == 0
+    caplog.set_level(logging.WARNING)  # as `recipe` sets the root; `recipe train` must let its own logger speak
+    caplog.handler.setLevel(logging.INFO)
+    logging.getLogger("train").setLevel(logging.NOTSET)
+    assert recipe_main(["train", "recipe", "--model", str(tiny_folder), *TINY]) == 0
     artifact = tmp_path / "runs" / "recipe-tiny-llama" / "export"
     assert (artifact / "recipe.json").is_file()
     assert (tmp_path / "runs" / "recipe-tiny-llama" / "checkpoints" / "last.ckpt").is_file()

@@ -123,17 +123,20 @@ def parse(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("train").setLevel(logging.INFO)  # progress and the duration estimate, also under `recipe train`
     try:
         kind, cfg, options = parse(argv)
         check_output(cfg.out, options["force"])
     except RecipeError as err:
         print(f"recipe train: error: {err}", file=sys.stderr)
         return 2
-    from lightning.pytorch.utilities import rank_zero_info  # with several processes, the first one speaks
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only  # with several processes, the first one speaks
 
-    rank_zero_info(f"training {kind}: checkpoints in {cfg.run_dir}, artefact to {cfg.out}")
+    if rank_zero_only.rank == 0:
+        log.info("training %s: checkpoints in %s, artefact to %s", kind, cfg.run_dir, cfg.out)
     result = _trainers()[kind].train(cfg, fast_dev_run=options["fast_dev_run"], resume=not options["no_resume"])
-    rank_zero_info(f"exported {result.artifact} after {result.global_step} steps")
+    if rank_zero_only.rank == 0:
+        log.info("exported %s after %d steps", result.artifact, result.global_step)
     return 0
 
 
