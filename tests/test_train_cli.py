@@ -8,7 +8,7 @@ import yaml
 
 from recipe.config import repo_root
 from recipe.errors import RecipeError
-from train.cli import check_output, main
+from train.cli import check_output, main, parse
 from train.mend import MENDTrainConfig
 from train.recipe import RecipeTrainConfig
 from train.verifier import VerifierTrainConfig
@@ -52,6 +52,10 @@ def test_mend_defaults_to_its_shipped_yaml(capsys):
     with pytest.raises(SystemExit):
         main(["mend", "--print-config"])
     assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 700  # configs/train/mend.yaml, not the dataclass's 1000
+    kind, cfg, options = parse(["mend", "--model", "Qwen/Qwen2.5-0.5B", "--val-every", "50"])
+    assert (kind, cfg.max_steps, cfg.val_every, cfg.dataset_repeats["zsre-train"]) == ("mend", 700, 50, 4)
+    assert cfg.out == "runs/mend-Qwen--Qwen2.5-0.5B/export" and options == {"force": False, "fast_dev_run": False,
+                                                                           "no_resume": False}
 
 
 def test_bad_flag_and_bad_config_give_one_clear_error(capsys):

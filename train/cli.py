@@ -112,8 +112,7 @@ def parse(argv: Sequence[str]):
     kind = args.kind
     values = args[kind].as_dict()
     options = {k: values.pop(k) for k in ("force", "fast_dev_run", "no_resume")}
-    values.pop("config", None)
-    values.pop("__path__", None)
+    values = {k: v for k, v in values.items() if k != "config" and not k.startswith("__")}  # jsonargparse's own
     if "--wandb" not in argv and not any(a.startswith("--wandb=") for a in argv) and os.environ.get("WANDB_MODE"):
         values["wandb"] = "offline" if os.environ["WANDB_MODE"] == "dryrun" else os.environ["WANDB_MODE"]
     cfg = load_config(_trainers()[kind].config_cls, values)
