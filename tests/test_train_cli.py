@@ -146,3 +146,12 @@ def test_two_processes_on_cpu_score_every_query_against_both_batches(tiny_folder
     assert single.returncode == 0, single.stderr[-3000:]
     assert json.loads((tmp_path / "single" / "recipe.json").read_text())["training"]["last_metrics"][
         "train/retrieval/keys"] == 4
+
+
+@pytest.mark.parametrize("kind", ["recipe", "mend", "verifier"])
+def test_python_m_train_kind_is_the_same_command(kind, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"train.{kind}").main(["--max-steps", "5", "--print-config"])
+    assert done.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["max_steps"] == 5
