@@ -14,6 +14,12 @@ appends the LM's own token embeddings of the stored statement, so the frozen LM 
 never saw in training (open targets, FIELD_NOTES: "never seen" targets). The statement's token ids
 are kept per edit and saved, so the prefix is rebuilt exactly after save/load.
 
+Updates (``supersede``, on by default): an edit that restates a stored fact (same question key, another
+answer; exactly as defined in ``recipe.retrieval.updates``) supersedes it. The old entry leaves the
+index but stays in ``records`` with ``superseded_by`` set (``superseded()`` lists them all), and
+``remove()`` of the newer edit puts it back. ``last_superseded`` says what the latest ``edit()`` call
+superseded. ``supersede: false`` keeps both entries, and which one answers depends on the wording.
+
 Trained networks (``recipe.retrieval.networks``) come from ``checkpoint`` (an artefact written by ``train.recipe``, see
 ``recipe.artifacts``); with ``checkpoint: null`` they are randomly initialised under ``seed`` (fine for
 tests and plumbing, useless for real edits).
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
@@ -39,13 +45,15 @@ from recipe.retrieval.key_index import IndexKind
 from recipe.retrieval.networks import RecipeNetworks
 from recipe.retrieval.repository import KnowledgeRepository, RepositoryError
 from recipe.retrieval.sentinel import SentinelMode
-from recipe.retrieval.statements import (DEFAULT_SEPARATOR, EditRecord, make_records, normalise_statement,
-                                         statement_token_bound)
+from recipe.retrieval.statements import (DEFAULT_SEPARATOR, EditRecord, check_entries, make_records,
+                                         normalise_statement, statement_token_bound)
+from recipe.retrieval.updates import Shelf, after_removal, question_key
 from recipe.types import EditId, EditRequest
 
 log = logging.getLogger(__name__)
 
 PrefixMode = Literal["vectors", "vectors+statement"]
+ENTRIES_VERSION = 2  # saved edit lists (repository info and state): 2 adds questions and superseded_by
 
 
 @dataclass
@@ -62,6 +70,7 @@ class RecipeConfig(EditorConfig):
     subject_gate: bool = False  # use an entry only when its edit's subject occurs in the query (case-insensitive)
     subject_gate_bypass: float | None = None  # with a verifier: a subject-less match still passes when p > this
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
+    supersede: bool = True  # an edit restating a stored question with another answer retires the old entry; False: keep both
     max_statement_tokens: int = 256  # longest statement in LM tokens (also at most half the LM's context); longer: refused
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
@@ -126,8 +135,11 @@ class RecipeEditor(Editor):
                      "encoder": f"{arch.encoder}:{self.networks.fingerprint()[:16]}"}
         self.repository = self._new_repository()
         self._records: dict[EditId, EditRecord] = {}  # id -> the stored edit, insertion order
-        self._by_statement: dict[str, EditId] = {}  # statement -> id (duplicates)
+        self._by_statement: dict[str, EditId] = {}  # statement of an entry in use -> id (duplicates)
+        self._by_question: dict[str, EditId] = {}  # question key -> the id of the entry in use (updates)
+        self._shelf = Shelf()  # keys and prompts of superseded entries
         self.last_retrieval: list[Retrieval] = []
+        self.last_superseded: dict[EditId, EditId] = {}  # the latest edit() call: new id -> the id it superseded
 
     def _gates(self) -> list[Gate]:
         """The configured acceptance gates, in order: sentinel, verifier, subject."""
@@ -150,15 +162,17 @@ class RecipeEditor(Editor):
                                    index=self.config.index)
 
     def _records_of(self, ids: Sequence[EditId], statements: Sequence[str], subjects: Sequence[str | None],
-                    where: str = "") -> list[EditRecord]:
-        """Checked records (StatementError on an empty or too long statement)."""
+                    where: str = "", **updates: Sequence | None) -> list[EditRecord]:
+        """Checked records (StatementError on an empty or too long statement); ``updates``: their
+        ``questions`` and ``superseded_by``."""
         return make_records(self.lm, ids, statements, subjects, separator=self.separator, where=where,
-                            with_tokens=self.config.prefix_mode == "vectors+statement", bound=self.statement_bound)
+                            with_tokens=self.config.prefix_mode == "vectors+statement", bound=self.statement_bound,
+                            **updates)
 
     # ---- editing -----------------------------------------------------------------------------
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
         records = self._records_of(ids, [normalise_statement(r.statement) for r in requests],
-                                   [r.subject for r in requests])
+                                   [r.subject for r in requests], questions=[question_key(r.prompt) for r in requests])
         statements = [r.statement for r in records]
         for s in statements:
             if s in self._by_statement and self.config.duplicates == "error":
@@ -175,12 +189,42 @@ class RecipeEditor(Editor):
         self.repository.add(keys, vectors, ids=ids)
         if replaced:
             self.remove(replaced)
+        self.last_superseded = {}
         for record in records:
+            older = self._by_question.get(record.question) if self.config.supersede and record.question else None
             self._remember(record)
+            if older is not None:
+                self._shelve(older, record.id)
+                self.last_superseded[record.id] = older
         self.lm.prefix_provider = self._provide
 
     def _remember(self, record: EditRecord) -> None:
-        self._records[record.id], self._by_statement[record.statement] = record, record.id
+        self._records[record.id] = record
+        if record.superseded_by is None:
+            self._by_statement[record.statement] = record.id
+            if record.question:
+                self._by_question[record.question] = record.id
+
+    def _forget(self, edit_id: EditId) -> EditRecord:
+        """Drop ``edit_id`` from the lookups of entries in use (its record stays); returns the record."""
+        record = self._records[edit_id]
+        if self._by_statement.get(record.statement) == edit_id:
+            del self._by_statement[record.statement]
+        if self._by_question.get(record.question) == edit_id:
+            del self._by_question[record.question]
+        return record
+
+    def _shelve(self, edit_id: EditId, newer: EditId) -> None:
+        """Take ``edit_id`` out of the index, superseded by ``newer`` (which is in use)."""
+        self._shelf.put(edit_id, self.repository.keys([edit_id])[0], self.repository.get_prompts([edit_id])[0])
+        self.repository.remove([edit_id])
+        self._records[edit_id] = replace(self._forget(edit_id), superseded_by=newer)
+
+    def _restore(self, edit_id: EditId) -> None:
+        """Put a superseded entry back into the index."""
+        key, prompt = self._shelf.take(edit_id)
+        self.repository.add(key[None], prompt[None], ids=[edit_id])
+        self._remember(replace(self._records[edit_id], superseded_by=None))
 
     @torch.no_grad()
     def _encode_statements(self, statements: list[str]) -> tuple[Tensor, Tensor]:
@@ -210,13 +254,22 @@ class RecipeEditor(Editor):
         return vectors.detach().float().cpu()
 
     def remove(self, ids: Sequence[EditId]) -> None:
-        ids = list(ids)
-        unknown = sorted({i for i in ids if i not in self._records})
+        """Remove edits (in use or superseded); an entry that a removed edit superseded is in use again
+        unless a newer, kept edit superseded it too (then it is superseded by that one)."""
+        removed = set(ids)
+        unknown = sorted(i for i in removed if i not in self._records)
         if unknown:
             raise RecipeError(f"unknown edit id(s) {unknown[:10]}; nothing removed")
-        self.repository.remove(ids)
-        for i in set(ids):
-            del self._by_statement[self._records.pop(i).statement]
+        relinked, restore = after_removal(self.superseded(), removed)
+        self.repository.remove([i for i in removed if i not in self._shelf])
+        for i in removed:
+            self._forget(i)
+            del self._records[i]
+        self._shelf.discard(removed)
+        for old, newer in relinked.items():
+            self._records[old] = replace(self._records[old], superseded_by=newer)
+        for old in sorted(restore):
+            self._restore(old)
 
     def rollback(self) -> None:
         if self.lm.prefix_provider == self._provide:
@@ -224,7 +277,10 @@ class RecipeEditor(Editor):
         self.repository = self._new_repository()
         self._records.clear()
         self._by_statement.clear()
+        self._by_question.clear()
+        self._shelf.clear()
         self.last_retrieval = []
+        self.last_superseded = {}
         self._next_id = 0
 
     @property
@@ -234,8 +290,13 @@ class RecipeEditor(Editor):
 
     @property
     def records(self) -> dict[EditId, EditRecord]:
-        """Every stored edit: id -> its record (a copy of the mapping; records are frozen)."""
+        """Every stored edit, superseded ones included: id -> its record (a copy of the mapping; records
+        are frozen)."""
         return dict(self._records)
+
+    def superseded(self) -> dict[EditId, EditId]:
+        """Every superseded edit -> the edit that superseded it (the next one of its chain)."""
+        return {i: self._records[i].superseded_by for i in self._shelf.ids()}
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,7 +329,8 @@ class RecipeEditor(Editor):
 
     # ---- persistence -------------------------------------------------------------------------
     # load and load_state_dict check everything first (_check_info, _checked_entries, the repository's
-    # own checks), then replace the edits in one step (_install) that cannot fail.
+    # own checks), then replace the edits in one step (_install) that cannot fail. Superseded entries
+    # are saved with the others (keys and prompts in the same files) and shelved again at load.
     def _check_info(self, info: object, where: str) -> None:
         if not isinstance(info, dict):
             raise IncompatibleError(f"{where} has no info describing its LM and networks (got {info!r:.80})")
@@ -277,41 +339,52 @@ class RecipeEditor(Editor):
             if info.get(key) != want:
                 raise IncompatibleError(f"{where} was made with {key}={info.get(key)!r}; this editor has {want!r}")
 
-    def _checked_entries(self, ids: object, statements: object, subjects: object, next_id: object,
-                         where: str) -> list[EditRecord]:
-        """The records of saved edits, every value checked (ids, next id, statements, subjects)."""
-        subjects = [None] * len(ids) if subjects is None and isinstance(ids, list) else subjects  # older saves
-        if not all(isinstance(v, list) for v in (ids, statements, subjects)) or not len(ids) == len(statements) == len(subjects):
-            raise RecipeError(f"{where}: ids, statements and subjects must be lists of one length")
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or len(set(ids)) != len(ids):
-            raise RecipeError(f"{where}: edit ids must be distinct non-negative ints, got {ids[:10]}")
-        if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id <= max(ids, default=-1):
-            raise RecipeError(f"{where}: next_id {next_id!r} must be an int above every saved id (the largest is "
-                              f"{max(ids, default=None)}); later edits would reuse ids")
-        if any(not (s is None or isinstance(s, str)) for s in subjects) or len(set(map(str, statements))) != len(ids):
-            raise RecipeError(f"{where}: subjects must be text or null, and no statement may be stored twice")
-        return self._records_of(ids, statements, subjects, where=f"{where}: ")  # empty, non-text or long: refused
+    def _entries(self) -> dict:
+        """Every edit's saved fields, in use first (repository order), then superseded ones."""
+        records = [self._records[i] for i in self.repository.ids() + self._shelf.ids()]
+        return {"entries_version": ENTRIES_VERSION, "next_id": self._next_id, "ids": [r.id for r in records],
+                "statements": [r.statement for r in records], "subjects": [r.subject for r in records],
+                "questions": [r.question for r in records], "superseded_by": [r.superseded_by for r in records]}
+
+    def _checked_entries(self, entries: dict, where: str) -> list[EditRecord]:
+        """The records of saved edits, every value checked (``check_entries``, then statements)."""
+        ids, statements, fields = check_entries(entries, ENTRIES_VERSION, where)
+        return self._records_of(ids, statements, where=f"{where}: ", **fields)  # empty, non-text or long: refused
 
     def _install(self, repository: KnowledgeRepository, records: list[EditRecord], next_id: int) -> None:
-        """Replace every edit by ``records`` held in ``repository`` (both already checked)."""
+        """Replace every edit by ``records`` held in ``repository`` (both already checked); superseded
+        ones go back on the shelf."""
         self.rollback()
+        shelved = [r.id for r in records if r.superseded_by is not None]
+        for i, key, prompt in zip(shelved, repository.keys(shelved), repository.get_prompts(shelved)):
+            self._shelf.put(i, key, prompt)
+        repository.remove(shelved)
         self.repository = repository
         for record in records:
             self._remember(record)
         self._next_id = next_id
         self.lm.prefix_provider = self._provide
 
-    def state_dict(self) -> dict:
+    def _saved_repository(self) -> KnowledgeRepository:
+        """The repository to save: this one, or with superseded entries a copy holding them too."""
+        if not self._shelf:
+            return self.repository
         ids = self.repository.ids()
-        return {**super().state_dict(), "info": dict(self.info), "ids": ids,
-                "statements": [self._records[i].statement for i in ids], "subjects": [self._records[i].subject for i in ids],
-                "keys": torch.from_numpy(self.repository.keys()), "prompts": self.repository.get_prompts(ids)}
+        copy = self._new_repository()
+        copy.add(self.repository.keys(), self.repository.get_prompts(ids), ids=ids)
+        copy.add(*self._shelf.stacked(), ids=self._shelf.ids())
+        return copy
+
+    def state_dict(self) -> dict:
+        repository = self._saved_repository()
+        return {**super().state_dict(), "info": dict(self.info), **self._entries(),
+                "keys": torch.from_numpy(repository.keys()), "prompts": repository.get_prompts(repository.ids())}
 
     def load_state_dict(self, state: dict) -> None:
         next_id = self._check_state(state)
         where = "saved RECIPE state"
         self._check_info(state.get("info"), f"the {where}")
-        records = self._checked_entries(state.get("ids"), state.get("statements"), state.get("subjects"), next_id, where)
+        records = self._checked_entries({**state, "next_id": next_id}, where)
         repository = self._new_repository()
         try:
             repository.add(state.get("keys"), state.get("prompts"), ids=[r.id for r in records])
@@ -320,15 +393,14 @@ class RecipeEditor(Editor):
         self._install(repository, records, next_id)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the repository (keys, prompts, statements, next id) atomically to ``directory``."""
-        ids = self.repository.ids()
-        self.repository.info = {**self.info, "entries": {"next_id": self._next_id, "ids": ids,
-                                                         "statements": [self._records[i].statement for i in ids],
-                                                         "subjects": [self._records[i].subject for i in ids]}}
+        """Write the repository (keys, prompts, statements, superseded entries, next id) atomically to
+        ``directory``."""
+        repository = self._saved_repository()
+        repository.info = {**self.info, "entries": self._entries()}
         try:
-            return self.repository.save(directory)
+            return repository.save(directory)
         finally:
-            self.repository.info = dict(self.info)
+            repository.info = dict(self.info)
 
     def load(self, directory: str | Path) -> None:
         """Replace every edit with those saved by :meth:`save` (made for this LM and these networks).
@@ -341,8 +413,7 @@ class RecipeEditor(Editor):
         self._check_info(info, f"RECIPE repository {directory}")
         if not isinstance(entries, dict) or entries.get("ids") != saved.ids():
             raise RecipeError(f"{directory} is a knowledge repository but not one saved by RecipeEditor.save")
-        records = self._checked_entries(entries["ids"], entries.get("statements"), entries.get("subjects"),
-                                        entries.get("next_id"), "saved RECIPE state")
+        records = self._checked_entries(entries, "saved RECIPE state")
         if saved.prompt_dtype == self.config.prompt_dtype:  # adopt it: no second copy, a saved IVF kept as is
             saved.info = dict(self.info)
             repository = saved

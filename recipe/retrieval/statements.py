@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from recipe.errors import RecipeError
 from recipe.types import EditId
@@ -44,6 +44,8 @@ class EditRecord:
     statement: str  # normalised knowledge statement (the retrieval key's text)
     token_ids: tuple[int, ...] | None  # the statement's LM tokens in the prefix; None in "vectors" mode
     subject: str | None = None  # the entity the edit is about, where the request named one
+    question: str | None = None  # the prompt's question key (recipe.retrieval.updates); None: saved without one
+    superseded_by: EditId | None = None  # the edit that restated this fact; None: in use
 
 
 def normalise_statement(text: str) -> str:
@@ -86,16 +88,62 @@ def check_statement_length(statement: str, n_tokens: int, bound: int, where: str
 
 
 def make_records(lm: EditedLM, ids: Sequence[EditId], statements: Sequence[str], subjects: Sequence[str | None],
-                 *, separator: str, with_tokens: bool, bound: int, where: str = "") -> list[EditRecord]:
+                 *, separator: str, with_tokens: bool, bound: int, where: str = "",
+                 questions: Sequence[str | None] | None = None,
+                 superseded_by: Sequence[EditId | None] | None = None) -> list[EditRecord]:
     """Checked records of (normalised) statements: StatementError on an empty or too long one.
 
     The length is measured on the tokens the prefix carries (statement + separator), whether or not
     this mode puts them there, so that switching modes never meets a stored entry over the bound."""
     records = []
-    for edit_id, statement, subject in zip(ids, statements, subjects):
+    questions = [None] * len(ids) if questions is None else questions
+    superseded_by = [None] * len(ids) if superseded_by is None else superseded_by
+    for edit_id, statement, subject, question, newer in zip(ids, statements, subjects, questions, superseded_by):
         if not isinstance(statement, str) or not statement.strip():
             raise StatementError(f"{where}refusing an empty or non-text knowledge statement: {statement!r}")
         tokens = statement_token_ids(lm, statement, separator)
         check_statement_length(statement, len(tokens), bound, where)
-        records.append(EditRecord(edit_id, statement, tuple(tokens) if with_tokens else None, subject))
+        records.append(EditRecord(edit_id, statement, tuple(tokens) if with_tokens else None, subject, question, newer))
     return records
+
+
+def check_entries(entries: Mapping, version: int, where: str) -> tuple[list, list, dict[str, list]]:
+    """The saved edit lists of a RECIPE save (``ids``, ``statements``, then ``subjects``, ``questions``,
+    ``superseded_by`` as keyword fields of :func:`make_records`), checked: RecipeError on a version
+    other than 1 (no questions nor supersessions) and ``version``, lists of unequal lengths, bad ids,
+    a ``next_id`` not above them, non-text subjects or questions, one statement in use twice, or a
+    chain of supersessions that does not end at an edit in use."""
+    ids, statements, next_id = entries.get("ids"), entries.get("statements"), entries.get("next_id")
+    saved_version = entries.get("entries_version", 1)
+    if saved_version not in (1, version) or isinstance(saved_version, bool):
+        raise RecipeError(f"{where}: entries version {saved_version!r}; this recipe reads 1 and {version}")
+    n = len(ids) if isinstance(ids, list) else 0
+    fields = {name: entries.get(name) if saved_version > 1 or name == "subjects" else [None] * n
+              for name in ("subjects", "questions", "superseded_by")}
+    fields["subjects"] = [None] * n if fields["subjects"] is None else fields["subjects"]  # older saves
+    if not all(isinstance(v, list) and len(v) == n for v in (ids, statements, *fields.values())):
+        raise RecipeError(f"{where}: ids, statements, subjects, questions and superseded_by must be lists of one length")
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise RecipeError(f"{where}: edit ids must be distinct non-negative ints, got {ids[:10]}")
+    if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id <= max(ids, default=-1):
+        raise RecipeError(f"{where}: next_id {next_id!r} must be an int above every saved id (the largest is "
+                          f"{max(ids, default=None)}); later edits would reuse ids")
+    if any(not (s is None or isinstance(s, str)) for s in fields["subjects"] + fields["questions"]):
+        raise RecipeError(f"{where}: subjects and questions must be text or null")
+    in_use = [s for s, newer in zip(statements, fields["superseded_by"]) if newer is None]
+    if len(set(map(str, in_use))) != len(in_use):
+        raise RecipeError(f"{where}: no statement may be in use twice")
+    check_chains(dict(zip(ids, fields["superseded_by"])), where)
+    return ids, statements, fields
+
+
+def check_chains(superseded_by: Mapping[EditId, EditId | None], where: str) -> None:
+    """RecipeError unless every superseded entry's chain of successors ends at an entry in use."""
+    for start, newer in superseded_by.items():
+        seen = {start}
+        while newer is not None:
+            if not isinstance(newer, int) or isinstance(newer, bool) or newer not in superseded_by or newer in seen:
+                raise RecipeError(f"{where}: edit {start} is superseded by {newer!r}, which is "
+                                  f"{'part of a cycle' if newer in seen else 'not a saved edit'}")
+            seen.add(newer)
+            newer = superseded_by[newer]
