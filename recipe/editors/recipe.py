@@ -71,6 +71,7 @@ class RecipeConfig(EditorConfig):
     subject_gate_bypass: float | None = None  # with a verifier: a subject-less match still passes when p > this
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
     supersede: bool = True  # an edit restating a stored question with another answer retires the old entry; False: keep both
+    supersede_margin: float | None = 4.0  # also restates: same subject, retrieves it with s(q,k) > s(q,r_s) + this; None: off
     max_statement_tokens: int = 256  # longest statement in LM tokens (also at most half the LM's context); longer: refused
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
@@ -181,6 +182,7 @@ class RecipeEditor(Editor):
         if len(set(statements)) != len(statements):
             raise RecipeError("the same statement occurs twice in one edit() call")
         replaced = [self._by_statement[s] for s in statements if s in self._by_statement]
+        retrieved = self._retrieved_restatements(requests)
         keys, vectors = self._encode_statements(statements)  # (N, D), (N, l, H)
         if self.config.refine_steps > 0:
             b = self.lm.max_batch
@@ -190,13 +192,34 @@ class RecipeEditor(Editor):
         if replaced:
             self.remove(replaced)
         self.last_superseded = {}
-        for record in records:
-            older = self._by_question.get(record.question) if self.config.supersede and record.question else None
+        for record, near in zip(records, retrieved):
+            older = self._by_question.get(record.question) if record.question else None
+            if older is None and near in self._records and self._records[near].superseded_by is None:
+                older = near  # not replaced, not superseded earlier in this call
+            older = older if self.config.supersede else None
             self._remember(record)
             if older is not None:
                 self._shelve(older, record.id)
                 self.last_superseded[record.id] = older
         self.lm.prefix_provider = self._provide
+
+    @torch.no_grad()
+    def _retrieved_restatements(self, requests: Sequence[EditRequest]) -> list[EditId | None]:
+        """For each request, the entry in use its question restates by retrieval (``supersede_margin``,
+        ``recipe.retrieval.updates``): its top-1, with s(q, k) > s(q, r_s) + margin and the same subject."""
+        margin, out = self.config.supersede_margin, []
+        if not self.config.supersede or margin is None or len(self.repository) == 0:
+            return [None] * len(requests)
+        for s in range(0, len(requests), self.config.batch_size):
+            chunk = requests[s:s + self.config.batch_size]
+            r_q = self.networks.encoder.encode_query([r.prompt for r in chunk]).float()  # (b, D)
+            scores, ids = self.repository.search(r_q / math.sqrt(self.networks.arch.key_dim), k=1)
+            over = torch.from_numpy(scores[:, 0]).to(r_q.device) > self.networks.sentinel(r_q) + margin  # (b,)
+            for request, i, ok in zip(chunk, ids[:, 0].tolist(), over.tolist()):
+                subject = self._records[i].subject if ok and i in self._records else None
+                same = subject is not None and request.subject is not None
+                out.append(i if same and subject.casefold() == request.subject.casefold() else None)
+        return out
 
     def _remember(self, record: EditRecord) -> None:
         self._records[record.id] = record

@@ -34,6 +34,7 @@ from recipe.eval.metrics import (exact_match, generate_for, generate_natural, ge
 from recipe.eval.resume import (check_identity, completed_rounds, model_fingerprint, resume_round, round_meta,
                                 run_identity)
 from recipe.lm import EditedLM, TargetScore
+from recipe.retrieval.updates import question_key
 from recipe.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,22 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     peaks = [t["peak_rss_mb"] for t in per_round if t.get("peak_rss_mb") is not None]
     summary["peak_rss_mb"] = max(peaks) if peaks else None  # the process's resident peak (model included)
     return summary
+
+
+def latest_answer_summary(T: int, rows: list[dict]) -> dict:
+    """The user's view of a run (``T<T>.jsonl`` rows of an editor that supersedes restated facts):
+    each question scored on its latest answer. A case whose question is restated by a later case of
+    its round (same question key, ``recipe.retrieval.updates``, of a reliability prompt) is left out:
+    the later case's probes score that question against the latest answer. The summary is
+    :func:`_summarise`'s over the kept rows, plus ``restated_cases_left_out``. Rows must be every case
+    of a round (no ``score_cases`` sample: an unscored later case would go unseen)."""
+    kept, seen = [], set()
+    for row in reversed(rows):
+        keys = {(row["round"], question_key(q["prompt"])) for q in row["queries"] if q["kind"] == "reliability"}
+        if not keys & seen:
+            kept.append(row)
+        seen |= keys
+    return {**_summarise(T, kept[::-1]), "restated_cases_left_out": len(rows) - len(kept)}
 
 
 def _scored_cases(T: int, start: int, score_cases: int | None, seed: int) -> list[int]:
