@@ -14,8 +14,9 @@ appends the LM's own token embeddings of the stored statement, so the frozen LM 
 never saw in training (open targets, FIELD_NOTES: "never seen" targets). The statement's token ids
 are kept per edit and saved, so the prefix is rebuilt exactly after save/load.
 
-Updates (``supersede``, on by default): an edit that restates a stored fact (same question key, another
-answer; exactly as defined in ``recipe.retrieval.updates``) supersedes it. The old entry leaves the
+Updates (``supersede``, on by default): an edit that restates a stored fact with another answer (the
+same question key, or the same subject and a retrieval far above the sentinel's threshold; exactly as
+defined in ``recipe.retrieval.updates``) supersedes it. The old entry leaves the
 index but stays in ``records`` with ``superseded_by`` set (``superseded()`` lists them all), and
 ``remove()`` of the newer edit puts it back. ``last_superseded`` says what the latest ``edit()`` call
 superseded. ``supersede: false`` keeps both entries, and which one answers depends on the wording.
