@@ -72,7 +72,7 @@ class RecipeConfig(EditorConfig):
     subject_gate_bypass: float | None = None  # with a verifier: a subject-less match still passes when p > this
     duplicates: Literal["error", "replace"] = "error"  # an edit whose statement is stored: refuse, or replace the entry
     supersede: bool = True  # an edit restating a stored question with another answer retires the old entry; False: keep both
-    supersede_margin: float | None = 4.0  # also restates: same subject, retrieves it with s(q,k) > s(q,r_s) + this; None: off
+    supersede_margin: float | None = None  # also restates: same subject, retrieves it with s(q,k) > s(q,r_s) + this (4.0 measured); None: off
     max_statement_tokens: int = 256  # longest statement in LM tokens (also at most half the LM's context); longer: refused
     refine_steps: int = 0  # Adam steps per edit on its own prompt vectors (not in the paper; 0 = RECIPE)
     refine_lr: float = 0.1  # their Adam learning rate, in units of the std of the LM's embeddings
