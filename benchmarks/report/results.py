@@ -14,6 +14,10 @@ class Results:
 
     root: Path = RESULTS
 
+    def has(self, run: str) -> bool:
+        """Whether ``<run>/summary.json`` exists (a run not made yet has none)."""
+        return (self.root / run / "summary.json").is_file()
+
     def summaries(self, run: str) -> dict[int, dict]:
         """T -> the summary of ``<run>/summary.json`` (``recipe eval``'s output) with the most cases."""
         path = self.root / run / "summary.json"

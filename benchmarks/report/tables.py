@@ -25,6 +25,7 @@ HEADLINE_RUNS: dict[str, dict[str, tuple[str, ...]]] = {
         "MEND": ("baselines/mend-zsre", "baselines/mend-zsre-100", "baselines/mend-zsre-1000"),
         "ROME": _weights("rome", "zsre"),
         "MEMIT": _weights("memit", "zsre"),
+        "AlphaEdit": _weights("alphaedit", "zsre"),
         "T-Patcher": _weights("tpatcher", "zsre"),
         "GRACE": _weights("grace", "zsre"),
         "RECIPE": ("recipe/recipe-zsre", "recipe/recipe-zsre-lifelong"),
@@ -35,21 +36,22 @@ HEADLINE_RUNS: dict[str, dict[str, tuple[str, ...]]] = {
         "MEND": _weights("mend", "counterfact"),
         "ROME": _weights("rome", "counterfact"),
         "MEMIT": _weights("memit", "counterfact"),
+        "AlphaEdit": _weights("alphaedit", "counterfact"),
         "T-Patcher": _weights("tpatcher", "counterfact"),
         "GRACE": _weights("grace", "counterfact"),
         "RECIPE": ("recipe/recipe-counterfact", "recipe/recipe-counterfact-gen"),
     },
 }
+NOT_RUN = "—"  # a cell whose run is not in the results yet
 UNEDITED_RUNS = {"zsre": "foundation/none-zsre", "counterfact": "foundation/none-counterfact"}
 
 
-def headline_cell(results: Results, dataset: str, editor: str, column: int) -> tuple[str, dict]:
-    """The run and summary behind one headline cell; the T = 1,000 column takes the smallest T >= 1,000."""
-    found = [(run, s) for run in HEADLINE_RUNS[dataset][editor] for T, s in results.summaries(run).items()
-             if T == column or (column == COLUMNS[-1] and T > column)]
-    if not found:
-        raise KeyError(f"no result for {editor} on {dataset} at T = {column}")
-    return min(found, key=lambda rs: (rs[1]["T"], -rs[1]["cases"]))
+def headline_cell(results: Results, dataset: str, editor: str, column: int) -> tuple[str, dict] | None:
+    """The run and summary behind one headline cell (None: not run yet); the T = 1,000 column takes the
+    smallest T >= 1,000."""
+    found = [(run, s) for run in HEADLINE_RUNS[dataset][editor] if results.has(run)
+             for T, s in results.summaries(run).items() if T == column or (column == COLUMNS[-1] and T > column)]
+    return min(found, key=lambda rs: (rs[1]["T"], -rs[1]["cases"])) if found else None
 
 
 def _triple(summary: dict, mode: str) -> str:
@@ -60,9 +62,10 @@ def _grid(results: Results, dataset: str, cell: Callable[[dict], str], cases: bo
     head = ["editor"] + [f"T = {t:,}" for t in COLUMNS] + (["cases scored"] if cases else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for editor in HEADLINE_RUNS[dataset]:
-        picked = [headline_cell(results, dataset, editor, t)[1] for t in COLUMNS]
-        cells = [cell(s) + ("" if s["T"] == t else f" (T = {s['T']:,})") for s, t in zip(picked, COLUMNS)]
-        counts = [" / ".join(f"{s['cases']:,}" for s in picked)] if cases else []
+        picked = [(headline_cell(results, dataset, editor, t) or (None, None))[1] for t in COLUMNS]
+        cells = [NOT_RUN if s is None else cell(s) + ("" if s["T"] == t else f" (T = {s['T']:,})")
+                 for s, t in zip(picked, COLUMNS)]
+        counts = [" / ".join(NOT_RUN if s is None else f"{s['cases']:,}" for s in picked)] if cases else []
         lines.append("| " + " | ".join([editor, *cells, *counts]) + " |")
     return lines
 
@@ -154,7 +157,7 @@ def prefix_ablation(results: Results) -> str:
     return "\n".join(lines)
 
 
-EDITOR_NAMES = {"ft": "FT-L", "ftm": "FT-M", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
+EDITOR_NAMES = {"ft": "FT-L", "ftm": "FT-M", "mend": "MEND", "rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit",
                 "tpatcher": "T-Patcher", "grace": "GRACE", "recipe": "RECIPE", "unedited": "unedited"}
 
 
