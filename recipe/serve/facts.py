@@ -4,24 +4,41 @@ Every change runs in three steps: check it, apply it to the editor, append it to
 Only then is it acknowledged. If the editor refuses, nothing is written; if the journal write fails,
 the editor is rebuilt from the store, so memory never holds an edit the disk does not.
 
-A fact stated again (same :func:`normalise_prompt`) with a new answer supersedes the old one: the old
-entry leaves the editor and stays listed with ``status: superseded``. The same answer again returns
-the stored edit. Editors that cannot undo single edits (weight editors) are rolled back and given the
-remaining edits again, batch by batch as they first came, whenever an edit leaves.
+**Updates.** A fact stated again with a new answer supersedes the old one: the old entry stops being
+used and stays listed with ``status: superseded``; deleting the newer edit makes it active again
+(``recipe.retrieval.updates.after_removal``: in a chain A -> B -> C, deleting C brings back B). The
+same answer again returns the stored edit. "Stated again" is one rule for every editor:
+:func:`recipe.retrieval.updates.question_key` (same prompt up to case, spacing and final punctuation).
+An editor that supersedes by itself (RECIPE: ``superseded()``, ``last_superseded``, also its opt-in
+retrieval rule) is the authority and the records mirror what it reports; for the others (weight
+editors) the store applies the rule, and because they cannot undo single edits they are rolled back
+and given the remaining edits again, batch by batch as they first came, whenever an edit leaves.
+
+**Snapshots.** Every ``snapshot_every`` operations the editor's state is copied on the caller's thread
+(a consistent point between two operations, a short pause) and written to disk on a background thread,
+so queries go on while the files are written and fsynced; one snapshot is written at a time.
 
 Not thread-safe: one caller at a time (the server's worker thread, or ``recipe edit``).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+
 from recipe.editors.base import Editor
+from recipe.editors.state_file import STATE_FILE, load_state, save_state
 from recipe.errors import RecipeError
-from recipe.serve.store import EDITOR_DIR, EditRecord, EditStore, Snapshot, normalise_prompt
+from recipe.retrieval.updates import after_removal, question_key
+from recipe.serve.store import EDITOR_DIR, EditRecord, EditStore, Snapshot
 from recipe.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -47,34 +64,40 @@ class Fact:
         return EditRequest(self.prompt, self.target_new, subject=self.subject)
 
 
-def _save_editor(editor: Editor, directory: Path) -> None:
-    if hasattr(editor, "save"):
-        editor.save(directory)
-    else:
-        from recipe.editors.state_file import save_state
-
-        save_state(editor.state_dict(), directory)
+def _own_copy(value):
+    """``value`` with every tensor and array copied: later edits cannot change what a snapshot writes."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(v) for v in value)
+    return copy.copy(value)
 
 
 def _load_editor(editor: Editor, directory: Path) -> None:
-    if hasattr(editor, "load"):
-        editor.load(directory)
-    else:
-        from recipe.editors.state_file import load_state
-
+    """A snapshot's editor state: a state file (``save_state``), or a folder of the editor's own ``save``."""
+    if (directory / STATE_FILE).exists() or not hasattr(editor, "load"):
         editor.load_state_dict(load_state(directory)[0])
+    else:
+        editor.load(directory)
 
 
 class Facts:
-    """The store's records and the editor's entries, one to one for every active record."""
+    """The store's records and the editor's entries, one to one for every record the editor holds."""
 
     def __init__(self, editor: Editor, store: EditStore, *, snapshot_every: int = 1000):
         self.editor, self.store, self.snapshot_every = editor, store, snapshot_every
         self.records: dict[int, EditRecord] = {}
-        self.editor_ids: dict[int, int] = {}  # active store id -> the editor's id
+        self.editor_ids: dict[int, int] = {}  # store id -> the editor's id (active, or superseded inside the editor)
         self.next_id = 1
         self._since_snapshot = 0
         self.can_remove = type(editor).remove is not Editor.remove
+        self.editor_supersedes = callable(getattr(editor, "superseded", None))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipe-snapshot")
+        self._writing: Future | None = None
         self._restore()
 
     # ---- reading -----------------------------------------------------------------------------
@@ -108,11 +131,11 @@ class Facts:
     # ---- changes -----------------------------------------------------------------------------
     def add(self, facts: Sequence[Fact]) -> list[EditRecord]:
         """Store ``facts`` (all or none); returns one record per fact (the stored one for a repeat)."""
-        keys = [normalise_prompt(f.prompt) for f in facts]
+        keys = [question_key(f.prompt) for f in facts]
         if len(set(keys)) != len(keys):
             raise ConflictError("the same prompt occurs twice in one request; send one answer per prompt")
-        stored = {normalise_prompt(r.prompt): r for r in self.active()}
-        new, supersedes, out = [], {}, []
+        stored = {question_key(r.prompt): r for r in self.active()}
+        new, out = [], []
         for fact, key in zip(facts, keys):
             old = stored.get(key)
             if old is not None and old.target_new.strip() == fact.target_new.strip() and old.subject == fact.subject:
@@ -121,10 +144,8 @@ class Facts:
             edit_id = self.next_id + len(new)
             new.append({"id": edit_id, "prompt": fact.prompt, "target_new": fact.target_new, "subject": fact.subject})
             out.append(edit_id)
-            if old is not None:
-                supersedes[str(old.id)] = edit_id
         if new:
-            self._commit({"op": "add", "edits": new, "supersedes": supersedes})
+            self._commit({"op": "add", "edits": new})
         return [r if isinstance(r, EditRecord) else self.records[r] for r in out]
 
     def remove(self, edit_id: int) -> EditRecord:
@@ -138,8 +159,8 @@ class Facts:
             raise ConflictError(f"edit {edit_id} is {record.status}; only active edits can be changed")
         if (record.prompt, record.target_new, record.subject) == (fact.prompt, fact.target_new, fact.subject):
             return record
-        key = normalise_prompt(fact.prompt)
-        clash = [r.id for r in self.active() if r.id != edit_id and normalise_prompt(r.prompt) == key]
+        key = question_key(fact.prompt)
+        clash = [r.id for r in self.active() if r.id != edit_id and question_key(r.prompt) == key]
         if clash:
             raise ConflictError(f"edit {clash[0]} already states this prompt; change or delete that one")
         self._commit({"op": "update", "id": edit_id, "prompt": fact.prompt, "target_new": fact.target_new,
@@ -157,19 +178,17 @@ class Facts:
             self._restore()
             raise
         self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every:
-            try:
-                self.snapshot()
-            except Exception:  # the change is durable in the journal already; the next snapshot retries
-                log.exception("snapshot of %s failed", self.store.dir)
+        if self._since_snapshot >= self.snapshot_every and (self._writing is None or self._writing.done()):
+            self.snapshot(wait=False)  # one at a time: while one is written, the next operation asks again
 
     # ---- applying operations (live and on replay) --------------------------------------------
     def _apply(self, op: dict, seq: int) -> None:
+        """Apply one journal operation; an "add" gains ``supersedes`` (old store id -> new) for the audit."""
         kind = op["op"]
         if kind == "add":
             self._apply_add(op, seq)
         elif kind == "remove":
-            self._drop([i for i in op["ids"] if i in self.records], forget=True)
+            self._apply_remove(op["ids"])
         elif kind == "update":
             self._apply_update(op, seq)
         else:
@@ -177,36 +196,71 @@ class Facts:
 
     def _apply_add(self, op: dict, seq: int) -> None:
         entries = op["edits"]
-        facts = [Fact(e["prompt"], e["target_new"], e.get("subject")) for e in entries]
-        ids = self.editor.edit([f.request() for f in facts])  # raises: nothing changed
-        for e, editor_id in zip(entries, ids):
+        stored = {} if self.editor_supersedes else {question_key(r.prompt): r.id for r in self.active()}
+        ids = self.editor.edit([Fact(e["prompt"], e["target_new"], e.get("subject")).request() for e in entries])
+        for e, editor_id in zip(entries, ids):  # raised above: nothing changed
             self.records[e["id"]] = EditRecord(e["id"], e["prompt"], e["target_new"], e.get("subject"),
                                                created=op["time"], updated=op["time"], batch=seq)
             self.editor_ids[e["id"]] = editor_id
         self.next_id = max(self.next_id, max(e["id"] for e in entries) + 1)
-        old = [int(k) for k in op.get("supersedes", {}) if int(k) in self.editor_ids]
-        self._drop(old, forget=False)
-        for k, new_id in op.get("supersedes", {}).items():
-            if int(k) in self.records:
-                self.records[int(k)].status, self.records[int(k)].superseded_by = "superseded", new_id
-                self.records[int(k)].updated = op["time"]
+        if self.editor_supersedes:  # the editor decided; the records mirror it
+            to_store = self.by_editor_id()
+            newer = {to_store[old]: to_store[new] for new, old in self.editor.last_superseded.items()}
+        else:  # the store's rule, decided against the records before this operation
+            newer = {stored[k]: e["id"] for e in entries if (k := question_key(e["prompt"])) in stored}
+        op["supersedes"] = {str(old): new for old, new in newer.items()}
+        for old, new in newer.items():
+            self.records[old] = replace(self.records[old], status="superseded", superseded_by=new, updated=op["time"])
+        if not self.editor_supersedes:
+            self._drop_from_editor(list(newer))
+
+    def _apply_remove(self, ids: list[int]) -> None:
+        removed = {i for i in ids if i in self.records}
+        if self.editor_supersedes:
+            self.editor.remove([self.editor_ids.pop(i) for i in removed if i in self.editor_ids])
+            for i in removed:
+                del self.records[i]
+            self._mirror_editor()
+            return
+        superseded = {r.id: r.superseded_by for r in self.records.values() if r.status == "superseded"}
+        relinked, restore = after_removal(superseded, removed)
+        for i in removed:
+            del self.records[i]
+        for old, newer in relinked.items():
+            self.records[old] = replace(self.records[old], superseded_by=newer)
+        for old in restore:
+            self.records[old] = replace(self.records[old], status="active", superseded_by=None)
+        if restore:
+            self._reapply()
+        else:
+            self._drop_from_editor(sorted(removed))
 
     def _apply_update(self, op: dict, seq: int) -> None:
         record = self.records[op["id"]]
-        new_id = self.editor.edit([Fact(op["prompt"], op["target_new"], op.get("subject")).request()])[0]
+        fact = Fact(op["prompt"], op["target_new"], op.get("subject"))
+        new_id = self.editor.edit([fact.request()])[0]
         old_editor_id = self.editor_ids[op["id"]]
         self.editor_ids[op["id"]] = new_id
-        record.prompt, record.target_new, record.subject = op["prompt"], op["target_new"], op.get("subject")
-        record.updated, record.batch = op["time"], seq
+        self.records[op["id"]] = replace(record, prompt=fact.prompt, target_new=fact.target_new, subject=fact.subject,
+                                         updated=op["time"], batch=seq)
         self._remove_from_editor([old_editor_id])
+        if self.editor_supersedes:
+            self._mirror_editor()
 
-    def _drop(self, ids: list[int], *, forget: bool) -> None:
-        """Take ``ids`` out of the editor (those active) and, with ``forget``, out of the records."""
-        editor_ids = [self.editor_ids.pop(i) for i in ids if i in self.editor_ids]
-        if forget:
-            for i in ids:
-                self.records.pop(i, None)
-        self._remove_from_editor(editor_ids)
+    def _mirror_editor(self) -> None:
+        """Records take the superseded / active state the editor reports (it restores and relinks)."""
+        to_store = self.by_editor_id()
+        superseded = {to_store[old]: to_store[new] for old, new in self.editor.superseded().items()}
+        for i, r in self.records.items():
+            if i not in self.editor_ids:
+                continue  # not held by the editor (superseded in a store written before the editor decided)
+            newer = superseded.get(i)
+            if r.superseded_by != newer:
+                self.records[i] = replace(r, status="active" if newer is None else "superseded", superseded_by=newer)
+
+    def _drop_from_editor(self, ids: list[int]) -> None:
+        """Take store ``ids`` out of the editor (their records stay)."""
+        self._remove_from_editor([self.editor_ids.pop(i) for i in ids if i in self.editor_ids])
 
     def _remove_from_editor(self, editor_ids: list[int]) -> None:
         if not editor_ids:
@@ -247,15 +301,32 @@ class Facts:
         log.info("store %s: %d active edits (%d journal operations replayed)", self.store.dir,
                  len(self.active()), replayed)
 
-    def snapshot(self) -> Path:
-        """Save the editor and the records as of the last journal operation."""
-        snap = Snapshot(self.store.seq, self.next_id, self.records, self.editor.name, self.editor.lm.spec.name,
-                        self.editor_ids)
-        path = self.store.save_snapshot(snap, lambda d: _save_editor(self.editor, d))
+    def snapshot(self, wait: bool = True) -> Future:
+        """Snapshot the editor and the records as of the last journal operation: copied now, written by
+        the background writer (``wait``: block until it is on disk; an error is raised here)."""
+        if self._writing is not None:
+            wait_for([self._writing])  # the one before is complete first (its error, if any, was logged)
+        snap = Snapshot(self.store.seq, self.next_id, dict(self.records), self.editor.name, self.editor.lm.spec.name,
+                        dict(self.editor_ids))
+        state = _own_copy(self.editor.state_dict())
         self._since_snapshot = 0
-        return path
+        self._writing = self._writer.submit(self._write, snap, state)
+        if wait:
+            self._writing.result()
+        return self._writing
+
+    def _write(self, snap: Snapshot, state: dict) -> Path:
+        try:
+            return self.store.save_snapshot(snap, lambda d: save_state(state, d))
+        except Exception:  # the operations are durable in the journal already; the next operation retries
+            log.exception("snapshot of %s failed", self.store.dir)
+            self._since_snapshot = self.snapshot_every
+            raise
 
     def close(self) -> None:
-        if self._since_snapshot:
-            self.snapshot()
-        self.store.close()
+        try:
+            if self._since_snapshot or (self._writing is not None and not self._writing.done()):
+                self.snapshot()
+        finally:
+            self._writer.shutdown()
+            self.store.close()

@@ -37,9 +37,10 @@ class StoreError(RecipeError):
     """The store folder is in use, unreadable, or not an edit store."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EditRecord:
-    """One fact as the store lists it. ``status``: active, superseded (by ``superseded_by``)."""
+    """One fact as the store lists it (changed by ``dataclasses.replace``, never in place). ``status``:
+    active, superseded (by ``superseded_by``)."""
 
     id: int
     prompt: str
@@ -53,11 +54,6 @@ class EditRecord:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def normalise_prompt(prompt: str) -> str:
-    """The key under which a fact is "stated again": case-folded, spaces collapsed, final punctuation off."""
-    return " ".join(prompt.casefold().split()).rstrip(" ?.!:;,")
 
 
 @dataclass
