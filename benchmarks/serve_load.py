@@ -1,13 +1,20 @@
 """Loopback load test of `recipe serve`: throughput and p50/p95 latency at several client counts and
-stored-edit counts, beside the same server with editor ``none``; edits per second accepted while serving.
+stored-edit counts, beside the same server with editor ``none``; edits per second accepted while serving;
+the pause a snapshot makes at each stored-edit count.
 
-    python benchmarks/serve_load.py --edits 0,1000 --clients 1,8,32 --seconds 10
+    python benchmarks/serve_load.py --edits 0,1000,100000 --clients 1,8,32 --seconds 15 --repeats 3
 
-One server per setup (editor none; the editor with each stored-edit count), all on 127.0.0.1 with fresh
-stores: the edits are stored (synthetic facts plus the 32 demo facts), each server is warmed up for 2 s,
-then each cell runs N clients that each send completion requests (demo prompts: edited facts,
-paraphrases and unrelated prompts, greedy, ``--max-tokens`` new tokens) back to back for ``--seconds``.
-Writes one JSON (``--out``) and prints a Markdown table. Bounded: nothing leaves the loopback interface.
+One server per setup (editor none; the editor with each stored-edit count), all on 127.0.0.1. Each store
+is filled once through the edits API (the 32 demo facts, then synthetic ones, 256 per request) and kept
+in ``--stores`` for the next run. Each server is warmed up for 2 s; then, for each client count, every
+server in turn runs N clients that send completion requests (demo prompts: edited facts, paraphrases
+and unrelated prompts, greedy, ``--max-tokens`` new tokens) back to back for ``--seconds``, and the
+round is repeated ``--repeats`` times, so load from outside the benchmark drifts over all servers alike
+and each ratio to ``none`` is taken within one round (the table gives the median over rounds). Last,
+8 clients query while a ninth stores edits one by one. After the servers stop, each store is opened
+in-process to time a snapshot: the copy made between two operations (the only pause queries see) and
+the write on the background thread. Writes one JSON (``--out``) and prints a Markdown table. Bounded:
+nothing leaves the loopback interface.
 """
 from __future__ import annotations
 
@@ -96,11 +103,15 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, ed
                 latencies.append(time.perf_counter() - t)
                 i += clients
 
+    stored: list[int] = []
+
     def editor() -> None:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600) as c:
             while not stop.is_set():
-                c.post("/v1/edits", json={"prompt": f"The call sign of station {edits[0]} is",
-                                          "target_new": f"K{edits[0]}"}).raise_for_status()
+                r = c.post("/v1/edits", json={"prompt": f"The call sign of station {edits[0]} is",
+                                              "target_new": f"K{edits[0]}"})
+                r.raise_for_status()
+                stored.append(r.json()["data"][0]["id"])
                 edits[0] += 1
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -113,21 +124,77 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, ed
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600) as c:
+        for edit_id in stored:  # the store keeps its stored-edit count for the next run
+            c.delete(f"/v1/edits/{edit_id}").raise_for_status()
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
     return {"requests": len(latencies), "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 2),
             "p50_s": round(statistics.median(latencies), 3), "p95_s": round(q[18], 3),
             **({"edits_per_s": round(edits[0] / wall, 2)} if edit_rate else {})}
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per (editor, stored edits, clients, storing): medians over the rounds, and the median of
+    each round's throughput ratio to ``none`` at the same client count (None for ``none`` and storing)."""
+    base = {(r["clients"], r.get("round", 0)): r["requests_per_s"] for r in rows
+            if r["editor"] == "none" and "edits_per_s" not in r}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["editor"], r["stored_edits"], r["clients"], "edits_per_s" in r), []).append(r)
+    out = []
+    for (editor, n, clients, storing), cell in groups.items():
+        ratios = [r["requests_per_s"] / base[(clients, r.get("round", 0))] for r in cell
+                  if not storing and editor != "none" and base.get((clients, r.get("round", 0)))]
+        med = {k: statistics.median(r[k] for r in cell) for k in ("requests_per_s", "p50_s", "p95_s")}
+        out.append({"editor": editor, "stored_edits": n, "clients": clients, "rounds": len(cell), **med,
+                    "vs_none": statistics.median(ratios) if ratios else None,
+                    "vs_none_range": [min(ratios), max(ratios)] if ratios else None,
+                    "edits_per_s": statistics.median(r["edits_per_s"] for r in cell) if storing else None})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| editor | stored edits | clients | req/s | p50 s | p95 s | vs none | edits/s while serving |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    base = {r["clients"]: r["requests_per_s"] for r in rows if r["editor"] == "none"}  # none: never editing
-    for r in rows:
-        ratio = r["requests_per_s"] / base[r["clients"]] if base.get(r["clients"]) and "edits_per_s" not in r else float("nan")
+    for r in summary(rows):
+        ratio = "" if r["vs_none"] is None else f"{r['vs_none']:.2f}"
         lines.append(f"| {r['editor']} | {r['stored_edits']:,} | {r['clients']} | {r['requests_per_s']:.2f} | "
-                     f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {ratio:.2f} | {r.get('edits_per_s', '')} |")
+                     f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {ratio} | {r['edits_per_s'] or ''} |")
     return "\n".join(lines)
+
+
+def fill(url: str, n: int) -> tuple[float, int]:
+    """Store the first ``n`` facts unless the store already holds them: (seconds, edits stored now)."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        held = c.get("/v1/edits", params={"limit": 1, "status": "active"}).json()["total"]
+    todo = facts(n)[held:]
+    return (store_edits(url, todo) if todo else 0.0), len(todo)
+
+
+def snapshot_pause(model: str, editor: str, store: Path) -> dict:
+    """Open ``store`` in-process, store one more fact (so that there is something new to write) and time
+    one snapshot: the copy on the caller's thread (the pause a server's queries see) and the write on
+    the background thread."""
+    from recipe.editors import load_editor
+    from recipe.lm import EditedLM
+    from recipe.models import load_model
+    from recipe.serve.facts import Fact, Facts
+    from recipe.serve.store import EditStore
+
+    lm = EditedLM(*load_model(model))
+    facts = Facts(load_editor(editor, lm), EditStore(store))
+    try:
+        held = len(facts.active())
+        probe, = facts.add([Fact(f"The snapshot probe {time.time_ns()} is", "timed")])
+        t = time.perf_counter()
+        writing = facts.snapshot(wait=False)
+        copied = time.perf_counter() - t
+        writing.result()
+        written = time.perf_counter() - t
+        facts.remove(probe.id)
+        return {"edits": held, "copy_s": round(copied, 3), "write_s": round(written - copied, 3)}
+    finally:
+        facts.close()
 
 
 def main() -> None:
@@ -137,38 +204,50 @@ def main() -> None:
     p.add_argument("--edits", default="0,1000", help="stored-edit counts (default: %(default)s)")
     p.add_argument("--clients", default="1,8,32", help="concurrent clients (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="load per cell (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every cell (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--stores", help="folder of the filled stores, kept for the next run (default: a temporary one)")
     p.add_argument("--out", default="benchmarks/results/serve/serve_load.json")
     p.add_argument("serve_args", nargs="*", help="more `recipe serve` arguments (after --)")
     args = p.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     setups = [("none", 0)] + [(args.editor, int(n)) for n in args.edits.split(",")]
-    rows, servers = [], []
+    rows, servers, fills, pauses = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
+        stores = Path(args.stores or tmp)
         try:
-            for k, (editor, n) in enumerate(setups):  # all up at once; an idle server costs no CPU
-                proc, url = start(args.model, editor, Path(tmp) / f"store-{k}", args.serve_args)
-                servers.append((editor, n, proc, url, store_edits(url, facts(n)) if n else 0.0))
+            for editor, n in setups:  # all up at once; an idle server costs no CPU
+                store = stores / f"{args.model}-{editor}-{n}"
+                t = time.perf_counter()
+                proc, url = start(args.model, editor, store, args.serve_args)
+                started = time.perf_counter() - t
+                seconds, stored = fill(url, n) if n else (0.0, 0)
+                fills.append({"editor": editor, "stored_edits": n, "start_s": round(started, 1),
+                              "stored_now": stored, "store_s": round(seconds, 1)})
+                print(json.dumps(fills[-1]), flush=True)
+                servers.append((editor, n, proc, url, store))
                 load(url, args.model, 8, 2.0, args.max_tokens)  # warm-up, not recorded
-            # cells interleaved (each client count on every server in turn), so that load from outside
-            # the benchmark drifts over all servers alike; last: 8 clients while a ninth stores edits
-            cells = [(c, False) for c in clients] + [(8, True)]
-            for c, editing in cells:
-                for editor, n, proc, url, fill in servers:
+            cells = [(c, r, False) for c in clients for r in range(args.repeats)] + [(8, 0, True)]
+            for c, round_, editing in cells:
+                for editor, n, proc, url, _ in servers:
                     if editing and editor == "none":
                         continue
                     cell = load(url, args.model, c, args.seconds, args.max_tokens, edit_rate=editing)
-                    rows.append({"editor": editor, "stored_edits": n, "clients": c, "store_seconds": round(fill, 1),
-                                 **cell})
+                    rows.append({"editor": editor, "stored_edits": n, "clients": c, "round": round_, **cell})
                     print(json.dumps(rows[-1]), flush=True)
         finally:
             for *_, proc, _, _ in servers:
                 proc.terminate()
                 proc.wait(120)
+        for editor, n, *_, store in servers:
+            if editor != "none":
+                pauses.append({"stored_edits": n, **snapshot_pause(args.model, editor, store)})
+                print(json.dumps(pauses[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"argv": sys.argv[1:], "model": args.model, "max_tokens": args.max_tokens,
-                               "rows": rows}, indent=1))
+                               "seconds": args.seconds, "repeats": args.repeats, "fills": fills,
+                               "snapshots": pauses, "rows": rows, "summary": summary(rows)}, indent=1))
     print(table(rows))
 
 
