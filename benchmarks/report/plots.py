@@ -18,6 +18,9 @@ def _pyplot():
     return plt
 
 
+MARKERS = "os^vD<>PXh*"  # one per editor line
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -36,7 +39,7 @@ def editors(results: Results, path: Path) -> Path:
             for k, editor in enumerate(names):
                 cells = [(t, tables.headline_cell(results, dataset, editor, t)) for t in tables.COLUMNS]
                 points = [(t, c[1]["tf"][metric]) for t, c in cells if c is not None]  # runs not made: no point
-                ax.plot([t for t, _ in points], [y for _, y in points], marker="os^vD<>PX"[k], color=f"C{k}",
+                ax.plot([t for t, _ in points], [y for _, y in points], marker=MARKERS[k], color=f"C{k}",
                         label=editor)
             ax.set_xscale("log")
             ax.set_xticks(tables.COLUMNS, [f"{t:,}" for t in tables.COLUMNS])
@@ -66,7 +69,7 @@ def general(results: Results, path: Path) -> Path:
                             if r["editor"] == editor and r["dataset"] == dataset)
             if points:  # T = 0, 100, 1,000 evenly spaced
                 ax.plot([0] + [steps.index(t) for t, _ in points], [base] + [p for _, p in points],
-                        marker="os^vD<>PX"[k], color=f"C{k}", label=tables.EDITOR_NAMES[editor], alpha=0.85)
+                        marker=MARKERS[k], color=f"C{k}", label=tables.EDITOR_NAMES[editor], alpha=0.85)
         ax.set_yscale("log")
         ax.set_xticks(range(len(steps)), [f"{t:,}" for t in steps])
         ax.set_xlabel("T, edits applied before measuring")

@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 from benchmarks.report.results import Results
 
 DATASETS = {"zsre": "zsRE", "counterfact": "CounterFact"}
-MODES = {"tf": "teacher-forced token accuracy", "em": "greedy exact match"}
+MODES = {"tf": "teacher-forced token accuracy", "em": "greedy exact match",
+         "ns": "natural-stop generation (until EOS or the first sentence's end)"}
 COLUMNS = (1, 10, 100, 1000)
 METRICS = ("reliability", "generality", "locality")
 
@@ -26,6 +27,7 @@ HEADLINE_RUNS: dict[str, dict[str, tuple[str, ...]]] = {
         "ROME": _weights("rome", "zsre"),
         "MEMIT": _weights("memit", "zsre"),
         "AlphaEdit": _weights("alphaedit", "zsre"),
+        "WISE": _weights("wise", "zsre"),
         "T-Patcher": _weights("tpatcher", "zsre"),
         "GRACE": _weights("grace", "zsre"),
         "RECIPE": ("recipe/recipe-zsre", "recipe/recipe-zsre-lifelong"),
@@ -37,6 +39,7 @@ HEADLINE_RUNS: dict[str, dict[str, tuple[str, ...]]] = {
         "ROME": _weights("rome", "counterfact"),
         "MEMIT": _weights("memit", "counterfact"),
         "AlphaEdit": _weights("alphaedit", "counterfact"),
+        "WISE": _weights("wise", "counterfact"),
         "T-Patcher": _weights("tpatcher", "counterfact"),
         "GRACE": _weights("grace", "counterfact"),
         "RECIPE": ("recipe/recipe-counterfact", "recipe/recipe-counterfact-gen"),
@@ -55,6 +58,9 @@ def headline_cell(results: Results, dataset: str, editor: str, column: int) -> t
 
 
 def _triple(summary: dict, mode: str) -> str:
+    """The three metrics of ``mode``; NOT_RUN when the run did not score that mode (natural stop is opt-in)."""
+    if mode not in summary:
+        return NOT_RUN
     return " / ".join(f"{summary[mode][m]:.3f}" for m in METRICS)
 
 
@@ -63,7 +69,7 @@ def _grid(results: Results, dataset: str, cell: Callable[[dict], str], cases: bo
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for editor in HEADLINE_RUNS[dataset]:
         picked = [(headline_cell(results, dataset, editor, t) or (None, None))[1] for t in COLUMNS]
-        cells = [NOT_RUN if s is None else cell(s) + ("" if s["T"] == t else f" (T = {s['T']:,})")
+        cells = [NOT_RUN if s is None or cell(s) == NOT_RUN else cell(s) + ("" if s["T"] == t else f" (T = {s['T']:,})")
                  for s, t in zip(picked, COLUMNS)]
         counts = [" / ".join(NOT_RUN if s is None else f"{s['cases']:,}" for s in picked)] if cases else []
         lines.append("| " + " | ".join([editor, *cells, *counts]) + " |")
@@ -157,7 +163,7 @@ def prefix_ablation(results: Results) -> str:
     return "\n".join(lines)
 
 
-EDITOR_NAMES = {"ft": "FT-L", "ftm": "FT-M", "mend": "MEND", "rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit",
+EDITOR_NAMES = {"ft": "FT-L", "ftm": "FT-M", "mend": "MEND", "rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit", "wise": "WISE",
                 "tpatcher": "T-Patcher", "grace": "GRACE", "recipe": "RECIPE", "unedited": "unedited"}
 
 
