@@ -49,7 +49,7 @@ Kind = Literal["eval", "general", "trajectory", "cost", "causal_trace", "reposit
                "prefix_ablation"]
 CLI_KINDS = ("eval", "general")  # `recipe eval`, `recipe general`; the other kinds are benchmarks.<kind>.main
 RESULT_FILES = {  # kinds that work in <work>/<experiment>/<run>/: the files copied to the results
-    "eval": ("summary.json", "table.txt", "run.json", "identity.json", "T*.jsonl", "seen_split.*"),
+    "eval": ("summary.json", "table.txt", "run.json", "identity.json", "T*.jsonl", "seen_split.*", "latest_answer.json"),
     "general": ("general.json", "general.txt", "run.json"),
     "trajectory": ("run.json", "trajectory.jsonl", "trajectory.md")}
 RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # what the experiment's JSON includes
@@ -64,8 +64,9 @@ class Run:
     args: dict = field(default_factory=dict)  # the entry point's flags without "--"; true: a bare flag; a list: repeated
     kind: Kind | None = None  # default: the experiment's kind
     keep: bool = True  # copy its result files into benchmarks/results (false: a run kept for its editor state)
-    # eval only: analyses of its per-case rows (seen_split: targets seen / never seen in training, shared subjects)
-    analyses: list[Literal["seen_split"]] = field(default_factory=list)
+    # eval only: analyses of its per-case rows (seen_split: targets seen / never seen in training, shared
+    # subjects; latest_answer: each question scored on its latest answer)
+    analyses: list[Literal["seen_split", "latest_answer"]] = field(default_factory=list)
 
 
 @dataclass
