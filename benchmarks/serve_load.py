@@ -208,8 +208,20 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--stores", help="folder of the filled stores, kept for the next run (default: a temporary one)")
     p.add_argument("--out", default="benchmarks/results/serve/serve_load.json")
+    p.add_argument("--snapshots-only", action="store_true",
+                   help="only time a snapshot of each store in --stores again and update --out's snapshot rows")
     p.add_argument("serve_args", nargs="*", help="more `recipe serve` arguments (after --)")
     args = p.parse_args()
+    if args.snapshots_only:
+        out = Path(args.out)
+        data = json.loads(out.read_text())
+        data["snapshots"] = [{"stored_edits": n, **snapshot_pause(args.model, args.editor,
+                                                                  Path(args.stores) / f"{args.model}-{args.editor}-{n}")}
+                             for n in (int(n) for n in args.edits.split(","))]
+        data["snapshots_argv"] = sys.argv[1:]
+        out.write_text(json.dumps(data, indent=1))
+        print(json.dumps(data["snapshots"]))
+        return
     clients = [int(c) for c in args.clients.split(",")]
     setups = [("none", 0)] + [(args.editor, int(n)) for n in args.edits.split(",")]
     rows, servers, fills, pauses = [], [], [], []

@@ -187,3 +187,41 @@ def test_bad_index_options_raise():
         KnowledgeRepository(D, (L, H), index="hnsw")
     with pytest.raises(RepositoryInputError):
         KnowledgeRepository(D, (L, H), nprobe=0)
+
+
+def test_a_fork_shares_blocks_until_either_store_writes():
+    store = PromptStore((L, H), torch.float32, block_rows=4)
+    values = prompts(10)
+    store.add(list(range(10)), values)  # blocks of 4 rows: 3 blocks
+    fork = store.fork()
+    assert all(a is b for a, b in zip(fork._blocks, store._blocks))  # nothing copied
+    store.remove([1, 2])
+    store.add([10, 11, 12], prompts(3, seed=1))  # reuses rows 1 and 2 (block 0), then row 10 (block 2)
+    assert store._blocks[0] is not fork._blocks[0] and store._blocks[1] is fork._blocks[1]
+    assert torch.equal(torch.cat(list(fork.chunks(3))), values)  # the fork still holds the prompts at fork time
+    assert fork.ids() == list(range(10))
+    fork.add([99], prompts(1, seed=2))  # the fork copies before writing, too
+    assert torch.equal(store.get([0, 3, 10]), torch.cat([values[[0, 3]], prompts(3, seed=1)[:1]]))
+    assert torch.equal(fork.get([99]), prompts(1, seed=2))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_snapshot_saves_the_repository_as_it_was_while_it_changes(tmp_path, kind):
+    repo, keys, values = build(kind, 1500)
+    assert repo.is_approximate == (kind == "ivf")
+    repo.remove(range(0, 1500, 7))
+    kept = repo.ids()
+    write = repo.snapshot()
+    repo.remove(kept[:300])  # the live repository changes before the snapshot is written
+    repo.add(clustered_keys(400, seed=5), prompts(400, seed=5))
+    write(tmp_path / "snap")
+    loaded = KnowledgeRepository.load(tmp_path / "snap")
+    assert loaded.ids() == kept and loaded.is_approximate == (kind == "ivf")
+    np.testing.assert_array_equal(loaded.keys(), keys[kept])
+    assert torch.equal(loaded.get_prompts(kept), values[kept])
+    # extra entries (an editor's superseded ones) are saved after the others, the index then flat
+    repo.snapshot(info={"t": 2}, extra=([5000, 5001], clustered_keys(2, seed=8), prompts(2, seed=8)))(tmp_path / "x")
+    again = KnowledgeRepository.load(tmp_path / "x", index="flat")
+    assert again.ids() == repo.ids() + [5000, 5001] and again.info == {"t": 2}
+    assert torch.equal(again.get_prompts([5000, 5001]), prompts(2, seed=8))
+    assert again.add(clustered_keys(1, seed=9), prompts(1, seed=9)) == [5002]

@@ -76,14 +76,18 @@ def test_an_update_of_a_superseding_edit_keeps_the_chain(tiny, tmp_path):
 
 def test_a_snapshot_is_written_while_edits_and_queries_go_on(tiny, tmp_path, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    real_save = facts_module.save_state
+    real_writer = facts_module._editor_writer
 
-    def slow_save(state, directory):
-        started.set()
-        assert release.wait(60)
-        return real_save(state, directory)
+    def slow_writer(editor):
+        write = real_writer(editor)  # captured now, on the caller's thread
 
-    monkeypatch.setattr(facts_module, "save_state", slow_save)
+        def slow_write(directory):
+            started.set()
+            assert release.wait(60)
+            return write(directory)
+        return slow_write
+
+    monkeypatch.setattr(facts_module, "_editor_writer", slow_writer)
     store = EditStore(tmp_path)
     facts = Facts(load_editor("recipe", tiny, dict(RECIPE)), store, snapshot_every=2)
     facts.add([Fact("Fact 1 is", "one")])
@@ -109,11 +113,13 @@ def test_a_snapshot_is_written_while_edits_and_queries_go_on(tiny, tmp_path, mon
 def test_a_failed_snapshot_loses_nothing_and_the_next_operation_retries(tiny, tmp_path, monkeypatch):
     calls = []
 
-    def failing_save(state, directory):
-        calls.append(directory)
-        raise OSError("disk full")
+    def failing_writer(editor):
+        def write(directory):
+            calls.append(directory)
+            raise OSError("disk full")
+        return write
 
-    monkeypatch.setattr(facts_module, "save_state", failing_save)
+    monkeypatch.setattr(facts_module, "_editor_writer", failing_writer)
     facts = Facts(load_editor("recipe", tiny, dict(RECIPE)), EditStore(tmp_path), snapshot_every=1)
     facts.add([Fact("Fact 1 is", "one")])
     with pytest.raises(OSError):

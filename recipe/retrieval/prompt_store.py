@@ -10,6 +10,10 @@ is therefore ~``rows handed out x l x H x itemsize`` (at most the peak count sin
 compaction), plus ~100 bytes per id for the dict.
 
 The dict ``id -> row`` keeps insertion order (Python dicts do), which is the order of ``ids()``.
+
+``fork()`` gives a second store with the same contents for the cost of copying the dict: both share
+the blocks until one of them writes into a shared block, which it first copies (copy on write). A
+snapshot is saved from a fork on another thread while the original goes on changing.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class PromptStore:
         self._rows: dict[int, int] = {}  # id -> row, insertion order
         self._free: list[int] = []  # rows freed by removals, reused first
         self._used = 0  # rows [0, _used) are live or free; later rows were never handed out
+        self._shared: set[int] = set()  # blocks a fork also holds: copied before this store writes into them
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -80,8 +85,19 @@ class PromptStore:
         for s in range(0, len(rows), chunk_rows):
             yield self._gather(rows[s:s + chunk_rows])
 
+    def fork(self) -> PromptStore:
+        """A store with the same prompts, sharing the blocks copy-on-write (no prompt is copied now)."""
+        other = PromptStore(self.shape, self.dtype, self.block_rows)
+        other._blocks, other._rows, other._free, other._used = list(self._blocks), dict(self._rows), list(self._free), self._used
+        self._shared = set(range(len(self._blocks)))
+        other._shared = set(self._shared)
+        return other
+
     def _scatter(self, rows: np.ndarray, values: torch.Tensor) -> None:
         for part, block, offsets in self._by_block(rows):
+            if block in self._shared:  # a fork reads this block: write into a copy of our own
+                self._blocks[block] = self._blocks[block].clone()
+                self._shared.discard(block)
             self._blocks[block][offsets] = values[part]
 
     def _gather(self, rows: np.ndarray) -> torch.Tensor:
@@ -108,3 +124,4 @@ class PromptStore:
         for s, chunk in zip(range(0, len(ids), self.block_rows), self.chunks(self.block_rows)):
             fresh.add(ids[s:s + self.block_rows], chunk)
         self._blocks, self._rows, self._free, self._used = fresh._blocks, fresh._rows, fresh._free, fresh._used
+        self._shared = set()  # fresh blocks: no fork holds them

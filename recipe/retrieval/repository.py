@@ -18,6 +18,7 @@ Not thread-safe. Saves and loads of one directory from several processes take tu
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import operator
@@ -25,7 +26,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -246,7 +247,8 @@ class KnowledgeRepository:
             return np.empty((0, self.key_dim), dtype=np.float32)
         return self._index.reconstruct(np.asarray(wanted, dtype=np.int64))  # (n, D)
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, *, info: Mapping[str, Any] | None = None,
+             extra: tuple[Sequence[int], np.ndarray, torch.Tensor] | None = None) -> Path:
         """Write the repository to ``directory`` atomically (``recipe.storage``); returns its absolute path.
 
         Files: ``tensors.safetensors`` with ids (N,) int64, keys (N, D) float32 and prompts
@@ -258,31 +260,64 @@ class KnowledgeRepository:
         A crash at any point leaves the previous repository (or the new one) loadable; another
         process saving or loading the same directory waits for this save.
         """
+        return self._writer(False, info, extra)(directory)
+
+    def snapshot(self, *, info: Mapping[str, Any] | None = None,
+                 extra: tuple[Sequence[int], np.ndarray, torch.Tensor] | None = None) -> Callable[[Any], Path]:
+        """``writer(directory)`` saving the repository as it is at this call, from any thread, while this
+        one goes on changing: what ``save`` would have written now. Cheap: the keys are copied (one
+        N x D float32 copy), the prompts are shared block by block until this repository writes into
+        one (``PromptStore.fork``). ``info`` replaces the saved info; ``extra`` = (ids, keys (n, D),
+        prompts (n, l, H)) are saved after the entries (then as a flat index: a loaded IVF is retrained)."""
+        return self._writer(True, info, extra)
+
+    def _writer(self, frozen: bool, info: Mapping[str, Any] | None,
+                extra: tuple[Sequence[int], np.ndarray, torch.Tensor] | None) -> Callable[[Any], Path]:
         self._flush()
         ids = self._ordered_ids()  # (N,) int64
         flat_ids = self._index.flat_ids()
         if self._index.ntotal != len(ids) or (flat_ids is not None and not np.array_equal(flat_ids, ids)):
             raise RuntimeError("FAISS and the prompt store disagree on the ids; refusing to save")
+        ordered = ids  # the entries' ids; ``ids`` gains the extra ones below
+        if frozen:
+            keys = self._index.keys_in_order(ordered)  # (N, D), a copy
+            key_chunks = lambda: (torch.from_numpy(keys[s:s + IO_CHUNK]) for s in range(0, len(ordered), IO_CHUNK))  # noqa: E731
+            prompt_chunks = self._prompts.fork().chunks
+        else:
+            key_chunks = lambda: (torch.from_numpy(c) for c in self._index.key_chunks(ordered, IO_CHUNK))  # noqa: E731
+            prompt_chunks = self._prompts.chunks
+        ivf = self._index.ivf_state(ids) if self._index.is_ivf and extra is None else None
+        next_id = self._next_id
+        if extra is not None and len(extra[0]):
+            extra_ids = np.asarray(extra[0], dtype=np.int64)
+            extra_keys = np.ascontiguousarray(extra[1], dtype=np.float32)
+            extra_prompts = torch.as_tensor(extra[2]).to(self._prompts.dtype)
+            base_keys, base_prompts = key_chunks, prompt_chunks
+            key_chunks = lambda: itertools.chain(base_keys(), [torch.from_numpy(extra_keys)])  # noqa: E731
+            prompt_chunks = lambda c: itertools.chain(base_prompts(c), [extra_prompts])  # noqa: E731
+            ids, next_id = np.concatenate([ids, extra_ids]), max(next_id, int(extra_ids.max()) + 1)
         n, (l, h) = len(ids), self.prompt_shape
         tensors: dict[str, torch.Tensor | _Stream] = {"ids": torch.from_numpy(ids)}
-        if self._index.is_ivf:
-            centroids, lists = self._index.ivf_state(ids)
-            tensors.update(ivf_centroids=torch.from_numpy(centroids), ivf_lists=torch.from_numpy(lists))
-        tensors["keys"] = _Stream(torch.float32, (n, self.key_dim), lambda: (
-            torch.from_numpy(c) for c in self._index.key_chunks(ids, IO_CHUNK)))
-        tensors["prompts"] = _Stream(self._prompts.dtype, (n, l, h), lambda: self._prompts.chunks(IO_CHUNK))
+        if ivf is not None:
+            tensors.update(ivf_centroids=torch.from_numpy(ivf[0]), ivf_lists=torch.from_numpy(ivf[1]))
+        tensors["keys"] = _Stream(torch.float32, (n, self.key_dim), key_chunks)
+        tensors["prompts"] = _Stream(self._prompts.dtype, (n, l, h), lambda: prompt_chunks(IO_CHUNK))
         meta = {"key_dim": self.key_dim, "prompt_shape": list(self.prompt_shape), "prompt_dtype": self.prompt_dtype,
-                "count": n, "next_id": self._next_id, "index": self.index_kind, "nprobe": self.nprobe,
-                "ivf_trained_at": self._index.trained_at, "info": self.info}
+                "count": n, "next_id": next_id, "index": self.index_kind, "nprobe": self.nprobe,
+                "ivf_trained_at": self._index.trained_at if ivf is not None else 0,
+                "info": json.loads(json.dumps(self.info)) if info is None else dict(info)}
 
         def write_into(work: Path) -> dict[str, str]:
             digest = _write_tensors(work / TENSOR_FILE, tensors)
             _write_json(work / META_FILE, meta)
             return {TENSOR_FILE: digest}
 
-        target = save_folder(directory, write_into, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
-        logger.info("saved %d repository entries to %s", n, target)
-        return target
+        def write(directory: str | os.PathLike) -> Path:
+            target = save_folder(directory, write_into, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
+            logger.info("saved %d repository entries to %s", n, target)
+            return target
+
+        return write
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expect_info: Mapping[str, Any] | None = None, *,

@@ -14,9 +14,10 @@ retrieval rule) is the authority and the records mirror what it reports; for the
 editors) the store applies the rule, and because they cannot undo single edits they are rolled back
 and given the remaining edits again, batch by batch as they first came, whenever an edit leaves.
 
-**Snapshots.** Every ``snapshot_every`` operations the editor's state is copied on the caller's thread
-(a consistent point between two operations, a short pause) and written to disk on a background thread,
-so queries go on while the files are written and fsynced; one snapshot is written at a time.
+**Snapshots.** Every ``snapshot_every`` operations the editor's state is captured on the caller's thread
+(a consistent point between two operations: RECIPE's repository copy-on-write, other editors' state
+dict copied) and written to disk on a background thread, so queries go on while the files are written
+and fsynced; one snapshot is written at a time.
 
 Not thread-safe: one caller at a time (the server's worker thread, or ``recipe edit``).
 """
@@ -29,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +76,16 @@ def _own_copy(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_own_copy(v) for v in value)
     return copy.copy(value)
+
+
+def _editor_writer(editor: Editor) -> Callable[[Path], object]:
+    """``write(directory)`` saving the editor as it is now, safe to call on another thread while it edits:
+    its own ``snapshot_writer`` (RECIPE: copy on write, a fraction of a second at 100,000 edits), else
+    a copy of its state dict written as a state file."""
+    if hasattr(editor, "snapshot_writer"):
+        return editor.snapshot_writer()
+    state = _own_copy(editor.state_dict())
+    return lambda directory: save_state(state, directory)
 
 
 def _load_editor(editor: Editor, directory: Path) -> None:
@@ -308,16 +319,15 @@ class Facts:
             wait_for([self._writing])  # the one before is complete first (its error, if any, was logged)
         snap = Snapshot(self.store.seq, self.next_id, dict(self.records), self.editor.name, self.editor.lm.spec.name,
                         dict(self.editor_ids))
-        state = _own_copy(self.editor.state_dict())
         self._since_snapshot = 0
-        self._writing = self._writer.submit(self._write, snap, state)
+        self._writing = self._writer.submit(self._write, snap, _editor_writer(self.editor))
         if wait:
             self._writing.result()
         return self._writing
 
-    def _write(self, snap: Snapshot, state: dict) -> Path:
+    def _write(self, snap: Snapshot, write_editor: Callable[[Path], object]) -> Path:
         try:
-            return self.store.save_snapshot(snap, lambda d: save_state(state, d))
+            return self.store.save_snapshot(snap, write_editor)
         except Exception:  # the operations are durable in the journal already; the next operation retries
             log.exception("snapshot of %s failed", self.store.dir)
             self._since_snapshot = self.snapshot_every
