@@ -210,18 +210,38 @@ def sources(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _serve_load(results: Results) -> dict:
+    return json.loads((results.root / "serve" / "serve_load.json").read_text())
+
+
 def serving(results: Results) -> str:
-    """``serve/serve_load.json``: throughput and latency per (editor, stored edits, clients), beside ``none``."""
-    rows = json.loads((results.root / "serve" / "serve_load.json").read_text())["rows"]
-    base = {r["clients"]: r["requests_per_s"] for r in rows if r["editor"] == "none" and "edits_per_s" not in r}
-    head = ["editor", "stored edits", "clients", "requests/s", "p50 s", "p95 s", "vs none", "edits/s while serving"]
+    """``serve/serve_load.json``: per (editor, stored edits, clients) the medians over the rounds, and the
+    median of each round's throughput ratio to ``none`` (its range over the rounds beside it)."""
+    head = ["editor", "stored edits", "clients", "rounds", "requests/s", "p50 s", "p95 s", "vs none (range)",
+            "edits/s while serving"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        storing = "edits_per_s" in r
-        ratio = "" if storing or r["clients"] not in base else f"{r['requests_per_s'] / base[r['clients']]:.2f}"
+    for r in _serve_load(results)["summary"]:
+        storing = r["edits_per_s"] is not None
+        ratio = "" if r["vs_none"] is None else f"{r['vs_none']:.2f} ({r['vs_none_range'][0]:.2f}-{r['vs_none_range'][1]:.2f})"
         clients = f"{r['clients']} (+1 storing edits)" if storing else str(r["clients"])
-        lines.append("| " + " | ".join([r["editor"], f"{r['stored_edits']:,}", clients, f"{r['requests_per_s']:.2f}",
-                                        f"{r['p50_s']:.3f}", f"{r['p95_s']:.3f}", ratio,
+        lines.append("| " + " | ".join([r["editor"], f"{r['stored_edits']:,}", clients, str(r["rounds"]),
+                                        f"{r['requests_per_s']:.2f}", f"{r['p50_s']:.3f}", f"{r['p95_s']:.3f}", ratio,
                                         f"{r['edits_per_s']:.2f}" if storing else ""]) + " |")
     return "\n".join(lines)
 
+
+def serving_numbers(results: Results) -> dict:
+    """Numbers for the serving prose: ``ratio[stored][clients]``, ``fill[stored]`` (seconds, edits/s),
+    ``start[stored]`` (seconds to start with that store), ``snapshot[stored]`` (copy and write seconds),
+    the run's ``seconds`` per cell and ``repeats``."""
+    data = _serve_load(results)
+    ratio: dict = {}
+    for r in data["summary"]:
+        if r["vs_none"] is not None:
+            ratio.setdefault(r["stored_edits"], {})[r["clients"]] = r["vs_none"]
+    fill = {f["stored_edits"]: (f["store_s"], f["stored_now"] / f["store_s"] if f["store_s"] else None)
+            for f in data["fills"] if f["stored_now"]}
+    return {"ratio": ratio, "fill": fill, "start": {f["stored_edits"]: f["start_s"] for f in data["fills"]},
+            "snapshot": {s["stored_edits"]: s for s in data["snapshots"]}, "seconds": data["seconds"],
+            "repeats": data["repeats"],
+            "edits_per_s": [r["edits_per_s"] for r in data["summary"] if r["edits_per_s"] is not None]}
