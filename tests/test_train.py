@@ -99,6 +99,46 @@ def test_losses_with_targets_and_locality_answers_of_different_lengths():
     assert module.networks.sentinel.r_s.grad is not None and module.networks.prompt_encoder.base.grad is not None
 
 
+def test_scope_probes_come_from_relation_specificity_and_train_when_weighted():
+    from recipe.editors.recipe import RecipeNetworks
+    from recipe.retrieval.encoders import RecipeArchitecture
+    from recipe.types import EditCase, EditRequest, Probe
+    from train.data import TrainExample
+    from train.module import LossWeights, RecipeModule
+
+    case = EditCase("r1", "ripple", (EditRequest("Leonardo DiCaprio is a citizen of", "Syria", "Leonardo DiCaprio"),),
+                    generality=(), locality=(Probe("The occupation of Leonardo DiCaprio is", "actor", "Relation_Specificity"),
+                                             Probe("The capital of Peru is", "Lima", "Forgetfulness")))
+    (ex,) = examples_from_cases([case], seed=3)
+    assert (ex.scope_prompt, ex.scope_answer) == ("The occupation of Leonardo DiCaprio is", "actor")
+    assert examples_from_cases([case], seed=3) == [ex]  # seeded
+    plain = EditCase("r2", "ripple", case.requests, generality=(), locality=case.locality[1:])
+    assert examples_from_cases([plain], seed=3)[0].scope_prompt is None
+
+    lm = tiny_lm()
+    batch = [TrainExample("Leonardo DiCaprio is a citizen of", "Syria", "DiCaprio holds the citizenship of",
+                          "The capital of Peru is", "Lima", "The occupation of Leonardo DiCaprio is", "actor"),
+             TrainExample("Hey Jude was performed by", "Madonna", "Hey Jude is a song by", None, None,
+                          "Hey Jude was released in the year", "1968 as a single"),
+             TrainExample("The Amazon river flows through", "Italy", "The Amazon river flows through", None, None)]
+    networks = RecipeNetworks.build(lm, RecipeArchitecture(**ARCH))
+    off = RecipeModule(lm, networks).train()
+    _, logs = off._step(batch)
+    assert "loss/scope" not in logs and "loss/retrieval_scope" not in logs  # weight 0: not even computed
+    on = RecipeModule(lm, networks, weights=LossWeights(retrieval_scope=1.0, scope=1.0)).eval()
+    loss, logs = on._step(batch)
+    assert {"loss/scope", "loss/retrieval_scope", "sentinel/reject_scope", "edit/scope_acc"} <= set(logs)
+    # the batched scope KL (answers of 1 and 4 tokens, one row without) equals the rows' KLs one at a time
+    scoped = [TrainExample(e.prompt, e.target, e.paraphrase, e.scope_prompt, e.scope_answer)
+              for e in batch if e.scope_prompt is not None]
+    assert logs["loss/scope"].item() == pytest.approx(_locality_kl_row_by_row(on, scoped), rel=1e-4)
+    with torch.no_grad():  # validation measures the scope terms whatever their weight
+        assert "loss/scope" in RecipeModule(lm, networks).eval()._step(batch)[1]
+    networks.zero_grad()
+    (logs["loss/retrieval_scope"] + logs["loss/scope"]).backward()
+    assert networks.sentinel.r_s.grad is not None and networks.prompt_encoder.base.grad is not None
+
+
 def _locality_kl_row_by_row(module, batch) -> float:
     """Σ over locality answer tokens of KL(base || prefixed), divided by their count, one row per forward."""
     from recipe.editors.recipe import edit_prefix

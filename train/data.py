@@ -1,9 +1,11 @@
 """Training examples for RECIPE and their LightningDataModule.
 
 One ``TrainExample`` per edit request: the statement to store, the edit prompt and a paraphrase
-with its target (reliability, generality), and one unrelated prompt + answer (locality). A case
-without a paraphrase whose target is ``target_new`` uses the prompt itself; a case without a
-locality probe has none (its locality terms are masked out of the batch).
+with its target (reliability, generality), one unrelated prompt + answer (locality) and, where the
+case has one, a *scope* probe: another question about the same subject whose answer the edit does not
+change (RippleEdits' Relation_Specificity probes, :data:`SCOPE_GROUPS`). A case without a paraphrase
+whose target is ``target_new`` uses the prompt itself; a case without a locality or scope probe has
+none (its terms are masked out of the batch).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from recipe.types import EditCase
 log = logging.getLogger(__name__)
 
 TRAIN_DATASETS = ("counterfact-train", "ripple-recent-train", "ripple-cf-train", "zsre-train")
+SCOPE_GROUPS = ("Relation_Specificity",)  # locality probes that ask another question about the edit's subject
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class TrainExample:
     paraphrase: str  # a generality prompt answered by ``target`` (the prompt itself when none)
     locality_prompt: str | None  # an unrelated prompt whose answer must not change
     locality_answer: str | None
+    scope_prompt: str | None = None  # another question about the same subject: its answer must not change
+    scope_answer: str | None = None
 
     @property
     def statement(self) -> str:
@@ -41,17 +46,21 @@ class TrainExample:
 
 
 def examples_from_cases(cases: Sequence[EditCase], seed: int = 0) -> list[TrainExample]:
-    """One example per request; paraphrase and locality probe picked under ``seed``."""
-    rng = random.Random(seed)
+    """One example per request; paraphrase, locality and scope probes picked under ``seed`` (the scope
+    probe from a stream of its own, so the other picks are those of a run without scope probes)."""
+    rng, scope_rng = random.Random(seed), random.Random(f"scope:{seed}")
     out = []
     for case in cases:
         for request in case.requests:
             paraphrases = [p.prompt for p in case.generality if p.target == request.target_new]
             locality = [p for p in case.locality if p.prompt != request.prompt]
             loc = rng.choice(locality) if locality else None
+            scope = [p for p in locality if p.group in SCOPE_GROUPS]
+            sc = scope_rng.choice(scope) if scope else None
             out.append(TrainExample(request.prompt, request.target_new,
                                     rng.choice(paraphrases) if paraphrases else request.prompt,
-                                    loc.prompt if loc else None, loc.target if loc else None))
+                                    loc.prompt if loc else None, loc.target if loc else None,
+                                    sc.prompt if sc else None, sc.target if sc else None))
     return out
 
 

@@ -11,6 +11,16 @@ locality prompts x_i, scores s(q, k) = r_q . r_k / sqrt(D) and the sentinel's s(
 - locality: KL(f(x_i) || f([p_i ; x_i])) on x_i's answer tokens (the prompt must not disturb
   unrelated inputs even when retrieved by mistake, as in the paper)
 
+and, for edits whose case has a scope probe h_i (another question about the same subject, e.g.
+"DiCaprio's occupation" beside an edit of his citizenship; ``train.data.SCOPE_GROUPS``), two terms
+that are not in the paper (weights 0 by default):
+
+- retrieval, scope:     -log softmax_{k_1..k_B, r_s}(s(h_i, .))[r_s]                    (same subject, other
+                                                                                        fact: retrieve nothing,
+                                                                                        not even k_i)
+- scope:  KL(f(h_i) || f([p_i ; h_i])) on h_i's answer tokens (retrieved by mistake for a question it
+  does not answer, the edit's prompt leaves that answer alone)
+
 with p_i the prefix built from k_i (oracle retrieval). All weights default to 1. The LM never trains.
 
 With several processes (``--devices N --strategy ddp``) each has its own batch; the knowledge keys k_j
@@ -43,6 +53,8 @@ class LossWeights:
     reliability: float = 1.0  # NLL of target_new after the prefixed edit prompt
     generality: float = 1.0  # NLL of target_new after the prefixed paraphrase
     locality: float = 1.0  # KL(base || prefixed) on locality answers
+    retrieval_scope: float = 0.0  # another question about the edit's subject -> sentinel over all knowledge
+    scope: float = 0.0  # KL(base || prefixed with the edit's own prefix) on that question's answer
 
 
 def target_logits(lm: EditedLM, prompts: Sequence[str], targets: Sequence[str], prefixes
@@ -100,11 +112,11 @@ class RecipeModule(L.LightningModule):
         dist.all_gather_object(parts, list(batch))
         return keys.reshape(-1, r_k.shape[-1]), [e for part in parts for e in part], trainer.global_rank * len(batch)
 
-    def _retrieval(self, batch: Sequence[TrainExample], loc_rows: list[int]):
+    def _retrieval(self, batch: Sequence[TrainExample], loc_rows: list[int], scope_rows: Sequence[int] = ()):
         """r_k (B, D) of this batch and the retrieval losses/metrics, negatives from every process's batch."""
         enc, B = self.networks.encoder, len(batch)
         texts = ([e.statement for e in batch] + [e.prompt for e in batch] + [e.paraphrase for e in batch]
-                 + [batch[i].locality_prompt for i in loc_rows])
+                 + [batch[i].locality_prompt for i in loc_rows] + [batch[i].scope_prompt for i in scope_rows])
         feats = enc.features(texts)  # (B + 2B + n_loc, 2d)
         r_k = enc.knowledge_head(feats[:B])  # (B, D)
         r_q = enc.query_head(feats[B:])  # (2B + n_loc, D)
@@ -112,7 +124,7 @@ class RecipeModule(L.LightningModule):
         N = len(key_examples)  # B, or W * B with W processes
         scores = enc.score(r_q, keys)  # (Q, N)
         sentinel = self.networks.sentinel(r_q)  # (Q,)
-        conflicts = self._conflicts(batch, loc_rows, key_examples, offset)  # other keys that are also right
+        conflicts = self._conflicts(batch, loc_rows, key_examples, offset, scope_rows)  # other keys also right
         scores = scores.masked_fill(conflicts.to(scores.device), -math.inf)
         logits = torch.cat([scores, sentinel[:, None]], dim=1)  # (Q, N + 1); column N is the sentinel
         own = offset + torch.arange(B, device=logits.device).repeat(2)  # (2B,)
@@ -126,20 +138,23 @@ class RecipeModule(L.LightningModule):
                    "retrieval/keys": torch.tensor(float(N)),  # own key + negatives each query is scored against
                    "sentinel/accept_prompt": (own_score[:B] > sentinel[:B]).float().mean(),
                    "sentinel/accept_paraphrase": (own_score[B:] > sentinel[B:2 * B]).float().mean()}
-        if loc_rows:
-            loc_logits = logits[2 * B:]
-            losses["retrieval_locality"] = F.cross_entropy(loc_logits, torch.full_like(loc_logits[:, 0], N).long())
-            metrics["sentinel/reject_locality"] = (sentinel[2 * B:] > scores[2 * B:].amax(1)).float().mean()
+        start = 2 * B
+        for name, rows in (("locality", loc_rows), ("scope", scope_rows)):  # retrieve nothing: the sentinel
+            if rows:
+                part = slice(start, start + len(rows))
+                losses[f"retrieval_{name}"] = F.cross_entropy(logits[part], torch.full_like(logits[part, 0], N).long())
+                metrics[f"sentinel/reject_{name}"] = (sentinel[part] > scores[part].amax(1)).float().mean()
+                start += len(rows)
         return r_k, losses, metrics
 
     @staticmethod
     def _conflicts(batch: Sequence[TrainExample], loc_rows: list[int], keys: Sequence[TrainExample] | None = None,
-                   offset: int = 0) -> Tensor:
+                   offset: int = 0, scope_rows: Sequence[int] = ()) -> Tensor:
         """(Q, N) True where key j (of ``keys``, default ``batch``; this batch's own keys start at ``offset``)
         is not a fair negative for query row q: it shares the query's prompt or the query's statement."""
         keys = list(batch) if keys is None else keys
         rows = [(i, e.prompt) for i, e in enumerate(batch)] + [(i, e.paraphrase) for i, e in enumerate(batch)]
-        rows += [(-1, batch[i].locality_prompt) for i in loc_rows]
+        rows += [(-1, batch[i].locality_prompt) for i in loc_rows] + [(-1, batch[i].scope_prompt) for i in scope_rows]
         out = torch.zeros(len(rows), len(keys), dtype=torch.bool)
         for q, (i, text) in enumerate(rows):
             for j, e in enumerate(keys):
@@ -147,39 +162,53 @@ class RecipeModule(L.LightningModule):
                     out[q, j] = True
         return out
 
-    def _edit(self, batch: Sequence[TrainExample], loc_rows: list[int], r_k: Tensor):
+    def _edit(self, batch: Sequence[TrainExample], loc_rows: list[int], r_k: Tensor, scope_rows: Sequence[int] = ()):
         """Edit losses with each edit's own prefix (oracle retrieval)."""
         B, lm = len(batch), self.lm
         vectors = self.networks.prompt_encoder(r_k)  # (B, l, H)
         token_ids = [statement_token_ids(lm, e.statement, self.separator) if self.prefix_mode == "vectors+statement" else None
                      for e in batch]
         prefixes = [edit_prefix(v, t) for v, t in zip(vectors, token_ids)]
-        prompts = [e.prompt for e in batch] + [e.paraphrase for e in batch] + [batch[i].locality_prompt for i in loc_rows]
-        targets = [e.target for e in batch] * 2 + [batch[i].locality_answer for i in loc_rows]
-        logits, labels, mask = target_logits(lm, prompts, targets, prefixes * 2 + [prefixes[i] for i in loc_rows])
+        probes = [(batch[i].locality_prompt, batch[i].locality_answer, i) for i in loc_rows]
+        probes += [(batch[i].scope_prompt, batch[i].scope_answer, i) for i in scope_rows]
+        prompts = [e.prompt for e in batch] + [e.paraphrase for e in batch] + [p for p, _, _ in probes]
+        targets = [e.target for e in batch] * 2 + [a for _, a, _ in probes]
+        logits, labels, mask = target_logits(lm, prompts, targets, prefixes * 2 + [prefixes[i] for _, _, i in probes])
         logp = torch.log_softmax(logits, -1)  # (N, L, V)
         nll = -logp.gather(-1, labels[..., None])[..., 0]  # (N, L)
         hit = (logits.argmax(-1) == labels).float()
         losses = {"reliability": _masked_mean(nll[:B], mask[:B]), "generality": _masked_mean(nll[B:2 * B], mask[B:2 * B])}
         metrics = {"edit/reliability_acc": _masked_mean(hit[:B], mask[:B]),
                    "edit/generality_acc": _masked_mean(hit[B:2 * B], mask[B:2 * B])}
-        if loc_rows:
-            with torch.no_grad():
-                base, _, _ = target_logits(lm, prompts[2 * B:], targets[2 * B:], None)
-            n_slots = base.shape[1]  # targets are right-aligned: the last n_slots slots of the prefixed rows
-            base_logp = torch.log_softmax(base, -1)  # (n_loc, L', V)
-            kl = (base_logp.exp() * (base_logp - logp[2 * B:, -n_slots:])).sum(-1)  # (n_loc, L')
-            loc_mask = mask[2 * B:, -n_slots:]
-            losses["locality"] = _masked_mean(kl, loc_mask)
-            same = logits[2 * B:, -n_slots:].argmax(-1) == base.argmax(-1)
-            metrics["edit/locality_acc"] = _masked_mean(same.float(), loc_mask)
+        start = 2 * B
+        for name, rows in (("locality", loc_rows), ("scope", scope_rows)):
+            if rows:
+                part = slice(start, start + len(rows))
+                losses[name], metrics[f"edit/{name}_acc"] = self._unchanged(
+                    logits[part], logp[part], mask[part], prompts[part], targets[part])
+                start += len(rows)
         return losses, metrics
+
+    def _unchanged(self, logits: Tensor, logp: Tensor, mask: Tensor, prompts: list[str], targets: list[str]
+                   ) -> tuple[Tensor, Tensor]:
+        """Prefixed rows against the LM without a prefix: KL(base || prefixed) over the answer tokens, and
+        the fraction of answer tokens whose argmax is unchanged."""
+        with torch.no_grad():
+            base, _, _ = target_logits(self.lm, prompts, targets, None)
+        n_slots = base.shape[1]  # targets are right-aligned: the last n_slots slots of the prefixed rows
+        base_logp = torch.log_softmax(base, -1)  # (n, L', V)
+        kl = (base_logp.exp() * (base_logp - logp[:, -n_slots:])).sum(-1)  # (n, L')
+        same = logits[:, -n_slots:].argmax(-1) == base.argmax(-1)
+        return _masked_mean(kl, mask[:, -n_slots:]), _masked_mean(same.float(), mask[:, -n_slots:])
 
     def _step(self, batch: Sequence[TrainExample]) -> tuple[Tensor, dict[str, Tensor]]:
         edit_texts = {t for e in batch for t in (e.prompt, e.paraphrase)}
         loc_rows = [i for i, e in enumerate(batch) if e.locality_prompt is not None and e.locality_prompt not in edit_texts]
-        r_k, losses, metrics = self._retrieval(batch, loc_rows)
-        edit_losses, edit_metrics = self._edit(batch, loc_rows, r_k)
+        scoped = self.weights.retrieval_scope or self.weights.scope or not self.training  # validation: measured
+        scope_rows = [i for i, e in enumerate(batch) if scoped and e.scope_prompt is not None
+                      and e.scope_prompt not in edit_texts]
+        r_k, losses, metrics = self._retrieval(batch, loc_rows, scope_rows)
+        edit_losses, edit_metrics = self._edit(batch, loc_rows, r_k, scope_rows)
         losses.update(edit_losses)
         metrics.update(edit_metrics)
         total = sum(getattr(self.weights, name) * value for name, value in losses.items())
