@@ -45,14 +45,15 @@ log = logging.getLogger("benchmarks.run")
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = HERE / "experiments"
 RESULTS = HERE / "results"
-Kind = Literal["eval", "general", "trajectory", "cost", "causal_trace", "repository_scale", "retrieval_check",
+Kind = Literal["eval", "general", "mquake", "trajectory", "cost", "causal_trace", "repository_scale", "retrieval_check",
                "prefix_ablation"]
-CLI_KINDS = ("eval", "general")  # `recipe eval`, `recipe general`; the other kinds are benchmarks.<kind>.main
+CLI_KINDS = ("eval", "general", "mquake")  # `recipe eval|general|mquake`; the other kinds: benchmarks.<kind>.main
 RESULT_FILES = {  # kinds that work in <work>/<experiment>/<run>/: the files copied to the results
     "eval": ("summary.json", "table.txt", "run.json", "identity.json", "T*.jsonl", "seen_split.*", "latest_answer.json"),
     "general": ("general.json", "general.txt", "run.json"),
+    "mquake": ("mquake.json", "run.json"),
     "trajectory": ("run.json", "trajectory.jsonl", "trajectory.md")}
-RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # what the experiment's JSON includes
+RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # mquake.json holds every row: not copied  # what the experiment's JSON includes
 DATA_FLAG = {"causal_trace": "data", "repository_scale": None}  # how --data-dir is passed on (default: data-dir)
 
 
