@@ -112,7 +112,12 @@ def runs_table(results: Results, rows: Sequence[tuple[str, str, int, str | None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, run, T, subset in rows:
         s = results.summary(run, T)
-        if subset:
+        if subset and subset.startswith("latest answer by "):  # benchmarks/latest_answer.py, by question or subject
+            way = subset.removeprefix("latest answer by ")
+            latest = json.loads((results.root / run / "latest_answer.json").read_text())[way][f"T{T}"]
+            cases = latest["cases"]
+            cells = [_pair(latest["tf"].get(m), latest["em"].get(m)) for m in METRICS]
+        elif subset:
             split = json.loads((results.root / run / "seen_split.json").read_text())[f"T{T}"][subset]
             cases = split["cases"]
             cells = [_pair(split.get(f"tf/{m}"), split.get(f"em/{m}")) for m in METRICS]
@@ -122,6 +127,21 @@ def runs_table(results: Results, rows: Sequence[tuple[str, str, int, str | None]
         extra = [_never_seen(results, run, T) if not subset else ""] if never_seen else []
         ms = "" if subset else f"{1000 * s['edit_time_s']['median']:,.0f}"
         lines.append("| " + " | ".join([label, f"{T:,}", f"{cases:,}", *cells, *extra, ms]) + " |")
+    return "\n".join(lines)
+
+
+def metric_table(results: Results, rows: Sequence[tuple[str, str, int]], keys: Sequence[tuple[str, str]]) -> str:
+    """Rows ``(label, run, T)``, columns ``(header, key)`` with key ``mode/metric[/group]`` of the run's
+    summary at T ("—" where the run has no such value)."""
+    lines = ["| run | " + " | ".join(h for h, _ in keys) + " |", "|---|" + "---|" * len(keys)]
+    for label, run, T in rows:
+        s = results.summary(run, T)
+        cells = []
+        for _, key in keys:
+            mode, metric = key.split("/", 1)
+            v = s.get(mode, {}).get(metric)
+            cells.append(NOT_RUN if v is None else f"{v:.3f}")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -216,19 +216,23 @@ def _summarise(T: int, rows: list[dict]) -> dict:
     return summary
 
 
-def latest_answer_summary(T: int, rows: list[dict]) -> dict:
+def latest_answer_summary(T: int, rows: list[dict], keys: Callable[[dict], set] | None = None) -> dict:
     """The user's view of a run (``T<T>.jsonl`` rows of an editor that supersedes restated facts):
     each question scored on its latest answer. A case whose question is restated by a later case of
     its round (same question key, ``recipe.retrieval.updates``, of a reliability prompt) is left out:
     the later case's probes score that question against the latest answer. The summary is
     :func:`_summarise`'s over the kept rows, plus ``restated_cases_left_out``. Rows must be every case
-    of a round (no ``score_cases`` sample: an unscored later case would go unseen)."""
+    of a round (no ``score_cases`` sample: an unscored later case would go unseen). ``keys(row)``: the
+    keys under which a later case restates this one instead (default: its reliability prompts' question
+    keys; e.g. its subject, where a dataset asks one question per subject)."""
+    if keys is None:
+        keys = lambda row: {question_key(q["prompt"]) for q in row["queries"] if q["kind"] == "reliability"}  # noqa: E731
     kept, seen = [], set()
     for row in reversed(rows):
-        keys = {(row["round"], question_key(q["prompt"])) for q in row["queries"] if q["kind"] == "reliability"}
-        if not keys & seen:
+        mine = {(row["round"], k) for k in keys(row)}
+        if not mine & seen:
             kept.append(row)
-        seen |= keys
+        seen |= mine
     return {**_summarise(T, kept[::-1]), "restated_cases_left_out": len(rows) - len(kept)}
 
 
