@@ -70,7 +70,8 @@ def _train_configs():
     from train.recipe import RecipeTrainConfig
     from train.verifier import VerifierTrainConfig
 
-    return {"recipe": RecipeTrainConfig, "recipe-finetune": RecipeTrainConfig, "mend": MENDTrainConfig,
+    return {"recipe": RecipeTrainConfig, "recipe-finetune": RecipeTrainConfig, "recipe-scope": RecipeTrainConfig,
+            "mend": MENDTrainConfig,
             "verifier": VerifierTrainConfig}
 
 
