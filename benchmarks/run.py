@@ -53,7 +53,8 @@ RESULT_FILES = {  # kinds that work in <work>/<experiment>/<run>/: the files cop
     "general": ("general.json", "general.txt", "run.json"),
     "mquake": ("mquake.json", "run.json"),
     "trajectory": ("run.json", "trajectory.jsonl", "trajectory.md")}
-RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # mquake.json holds every row: not copied  # what the experiment's JSON includes
+RESULT_JSON = {"eval": "summary.json", "general": "general.json"}  # what the experiment's JSON includes (not
+# mquake.json: it holds every row)
 DATA_FLAG = {"causal_trace": "data", "repository_scale": None}  # how --data-dir is passed on (default: data-dir)
 
 

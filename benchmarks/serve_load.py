@@ -171,17 +171,31 @@ def fill(url: str, n: int) -> tuple[float, int]:
     return (store_edits(url, todo) if todo else 0.0), len(todo)
 
 
-def snapshot_pause(model: str, editor: str, store: Path) -> dict:
-    """Open ``store`` in-process, store one more fact (so that there is something new to write) and time
-    one snapshot: the copy on the caller's thread (the pause a server's queries see) and the write on
-    the background thread."""
-    from recipe.editors import load_editor
+def store_path(stores: Path, model: str, editor: str, n: int) -> Path:
+    """The store of one setup: kept in ``--stores`` and found again by the next run."""
+    return stores / f"{model}-{editor}-{n}"
+
+
+def snapshot_pauses(model: str, editor: str, stores: Path, counts: list[int]) -> list[dict]:
+    """For each stored-edit count, open its store in-process (one model for all), store one more fact (so
+    that there is something new to write) and time one snapshot: the capture on the caller's thread (the
+    pause a server's queries see) and the write on the background thread."""
     from recipe.lm import EditedLM
     from recipe.models import load_model
+
+    lm = EditedLM(*load_model(model))
+    out = []
+    for n in counts:
+        out.append({"stored_edits": n, **_snapshot_pause(lm, editor, store_path(stores, model, editor, n))})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def _snapshot_pause(lm, editor: str, store: Path) -> dict:
+    from recipe.editors import load_editor
     from recipe.serve.facts import Fact, Facts
     from recipe.serve.store import EditStore
 
-    lm = EditedLM(*load_model(model))
     facts = Facts(load_editor(editor, lm), EditStore(store))
     try:
         held = len(facts.active())
@@ -215,21 +229,19 @@ def main() -> None:
     if args.snapshots_only:
         out = Path(args.out)
         data = json.loads(out.read_text())
-        data["snapshots"] = [{"stored_edits": n, **snapshot_pause(args.model, args.editor,
-                                                                  Path(args.stores) / f"{args.model}-{args.editor}-{n}")}
-                             for n in (int(n) for n in args.edits.split(","))]
+        data["snapshots"] = snapshot_pauses(args.model, args.editor, Path(args.stores),
+                                            [int(n) for n in args.edits.split(",")])
         data["snapshots_argv"] = sys.argv[1:]
         out.write_text(json.dumps(data, indent=1))
-        print(json.dumps(data["snapshots"]))
         return
     clients = [int(c) for c in args.clients.split(",")]
     setups = [("none", 0)] + [(args.editor, int(n)) for n in args.edits.split(",")]
-    rows, servers, fills, pauses = [], [], [], []
+    rows, servers, fills = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         stores = Path(args.stores or tmp)
         try:
             for editor, n in setups:  # all up at once; an idle server costs no CPU
-                store = stores / f"{args.model}-{editor}-{n}"
+                store = store_path(stores, args.model, editor, n)
                 t = time.perf_counter()
                 proc, url = start(args.model, editor, store, args.serve_args)
                 started = time.perf_counter() - t
@@ -237,24 +249,21 @@ def main() -> None:
                 fills.append({"editor": editor, "stored_edits": n, "start_s": round(started, 1),
                               "stored_now": stored, "store_s": round(seconds, 1)})
                 print(json.dumps(fills[-1]), flush=True)
-                servers.append((editor, n, proc, url, store))
+                servers.append((editor, n, proc, url))
                 load(url, args.model, 8, 2.0, args.max_tokens)  # warm-up, not recorded
             cells = [(c, r, False) for c in clients for r in range(args.repeats)] + [(8, 0, True)]
             for c, round_, editing in cells:
-                for editor, n, proc, url, _ in servers:
+                for editor, n, proc, url in servers:
                     if editing and editor == "none":
                         continue
                     cell = load(url, args.model, c, args.seconds, args.max_tokens, edit_rate=editing)
                     rows.append({"editor": editor, "stored_edits": n, "clients": c, "round": round_, **cell})
                     print(json.dumps(rows[-1]), flush=True)
         finally:
-            for *_, proc, _, _ in servers:
+            for *_, proc, _ in servers:
                 proc.terminate()
                 proc.wait(120)
-        for editor, n, *_, store in servers:
-            if editor != "none":
-                pauses.append({"stored_edits": n, **snapshot_pause(args.model, editor, store)})
-                print(json.dumps(pauses[-1]), flush=True)
+        pauses = snapshot_pauses(args.model, args.editor, stores, [n for editor, n, *_ in servers if editor != "none"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"argv": sys.argv[1:], "model": args.model, "max_tokens": args.max_tokens,

@@ -252,7 +252,7 @@ def serving(results: Results) -> str:
 
 def serving_numbers(results: Results) -> dict:
     """Numbers for the serving prose: ``ratio[stored][clients]``, ``fill[stored]`` (seconds, edits/s),
-    ``start[stored]`` (seconds to start with that store), ``snapshot[stored]`` (copy and write seconds),
+    ``snapshot[stored]`` (capture and write seconds),
     the run's ``seconds`` per cell and ``repeats``."""
     data = _serve_load(results)
     ratio: dict = {}
@@ -261,7 +261,6 @@ def serving_numbers(results: Results) -> dict:
             ratio.setdefault(r["stored_edits"], {})[r["clients"]] = r["vs_none"]
     fill = {f["stored_edits"]: (f["store_s"], f["stored_now"] / f["store_s"] if f["store_s"] else None)
             for f in data["fills"] if f["stored_now"]}
-    return {"ratio": ratio, "fill": fill, "start": {f["stored_edits"]: f["start_s"] for f in data["fills"]},
-            "snapshot": {s["stored_edits"]: s for s in data["snapshots"]}, "seconds": data["seconds"],
+    return {"ratio": ratio, "fill": fill, "snapshot": {s["stored_edits"]: s for s in data["snapshots"]}, "seconds": data["seconds"],
             "repeats": data["repeats"],
             "edits_per_s": [r["edits_per_s"] for r in data["summary"] if r["edits_per_s"] is not None]}

@@ -274,11 +274,10 @@ class KnowledgeRepository:
     def _writer(self, frozen: bool, info: Mapping[str, Any] | None,
                 extra: tuple[Sequence[int], np.ndarray, torch.Tensor] | None) -> Callable[[Any], Path]:
         self._flush()
-        ids = self._ordered_ids()  # (N,) int64
+        ordered = self._ordered_ids()  # (N,) int64, the entries' ids
         flat_ids = self._index.flat_ids()
-        if self._index.ntotal != len(ids) or (flat_ids is not None and not np.array_equal(flat_ids, ids)):
+        if self._index.ntotal != len(ordered) or (flat_ids is not None and not np.array_equal(flat_ids, ordered)):
             raise RuntimeError("FAISS and the prompt store disagree on the ids; refusing to save")
-        ordered = ids  # the entries' ids; ``ids`` gains the extra ones below
         if frozen:
             keys = self._index.keys_in_order(ordered)  # (N, D), a copy
             key_chunks = lambda: (torch.from_numpy(keys[s:s + IO_CHUNK]) for s in range(0, len(ordered), IO_CHUNK))  # noqa: E731
@@ -286,8 +285,7 @@ class KnowledgeRepository:
         else:
             key_chunks = lambda: (torch.from_numpy(c) for c in self._index.key_chunks(ordered, IO_CHUNK))  # noqa: E731
             prompt_chunks = self._prompts.chunks
-        ivf = self._index.ivf_state(ids) if self._index.is_ivf and extra is None else None
-        next_id = self._next_id
+        ids, next_id, ivf = ordered, self._next_id, None
         if extra is not None and len(extra[0]):
             extra_ids = np.asarray(extra[0], dtype=np.int64)
             extra_keys = np.ascontiguousarray(extra[1], dtype=np.float32)
@@ -295,7 +293,9 @@ class KnowledgeRepository:
             base_keys, base_prompts = key_chunks, prompt_chunks
             key_chunks = lambda: itertools.chain(base_keys(), [torch.from_numpy(extra_keys)])  # noqa: E731
             prompt_chunks = lambda c: itertools.chain(base_prompts(c), [extra_prompts])  # noqa: E731
-            ids, next_id = np.concatenate([ids, extra_ids]), max(next_id, int(extra_ids.max()) + 1)
+            ids, next_id = np.concatenate([ordered, extra_ids]), max(next_id, int(extra_ids.max()) + 1)
+        elif self._index.is_ivf:
+            ivf = self._index.ivf_state(ordered)  # (centroids, list of each key)
         n, (l, h) = len(ids), self.prompt_shape
         tensors: dict[str, torch.Tensor | _Stream] = {"ids": torch.from_numpy(ids)}
         if ivf is not None:

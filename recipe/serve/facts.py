@@ -335,7 +335,9 @@ class Facts:
 
     def close(self) -> None:
         try:
-            if self._since_snapshot or (self._writing is not None and not self._writing.done()):
+            if self._writing is not None:
+                wait_for([self._writing])  # a failed write sets _since_snapshot: written again below
+            if self._since_snapshot:
                 self.snapshot()
         finally:
             self._writer.shutdown()
