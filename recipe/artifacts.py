@@ -10,7 +10,8 @@ network sees a value.
 
 Shipped artefacts (``checkpoints/<name>`` in the source tree) are found by :func:`resolve_checkpoint`:
 a relative path that names one resolves to the source tree's ``checkpoints/``, whatever the current
-directory holds; every other path is the user's own (relative to the current directory).
+directory holds; every other path is the user's own (relative to the current directory). A config's
+``checkpoint: shipped`` names the shipped artefact made for the LM at hand (:func:`shipped_checkpoint`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: files covered by manifest.json, the LM's vocabulary size and fingerprint recorded
 SHIPPED_DIR = "checkpoints"
+SHIPPED = "shipped"  # a config's checkpoint value: the shipped artefact made for the LM (shipped_checkpoint)
 
 
 class ArtifactError(IncompatibleError, FolderCorruptError):
@@ -62,15 +64,16 @@ class ArtifactKind:
     meta_file: str
     weights_file: str
     what: str  # in messages
+    trainer: str  # the `recipe train` command that makes one
 
     @property
     def errors(self) -> Errors:
         return Errors(not_found=ArtifactNotFoundError, corrupt=ArtifactError, what=self.what)
 
 
-RECIPE = ArtifactKind("recipe.artifact", "recipe.json", "weights.safetensors", "RECIPE checkpoint")
-MEND = ArtifactKind("mend.artifact", "mend.json", "weights.safetensors", "MEND checkpoint")
-VERIFIER = ArtifactKind("recipe-verifier", "verifier.json", "verifier.safetensors", "verifier artefact")
+RECIPE = ArtifactKind("recipe.artifact", "recipe.json", "weights.safetensors", "RECIPE checkpoint", "recipe")
+MEND = ArtifactKind("mend.artifact", "mend.json", "weights.safetensors", "MEND checkpoint", "mend")
+VERIFIER = ArtifactKind("recipe-verifier", "verifier.json", "verifier.safetensors", "verifier artefact", "verifier")
 
 
 # ---- generic ------------------------------------------------------------------------------------
@@ -91,6 +94,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if shipped.is_relative_to((root / SHIPPED_DIR).resolve()) and shipped.is_dir():
         return shipped
     return path.resolve()
+
+
+def shipped_checkpoint(kind: ArtifactKind, lm: EditedLM) -> str:
+    """``checkpoints/<name>``: the shipped artefact of ``kind`` made for ``lm``.
+
+    Chosen by what :func:`check_lm` compares (hidden size, vocabulary, fingerprint), so a local copy of
+    a bundled model finds its checkpoint too; one recorded for ``lm``'s own name wins a tie. The choice
+    reads only each artefact's metadata; loading the chosen one verifies it in full.
+    """
+    root = repo_root() / SHIPPED_DIR
+    fits = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            saved = json.loads((folder / kind.meta_file).read_text())["lm"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # another kind of artefact (or none)
+        if lm_mismatch(saved, lm) is None:
+            fits.append((saved.get("name") != lm.spec.name, folder.name))
+    if not fits:
+        raise IncompatibleError(f"no shipped {kind.what} was made for LM {lm.spec.name!r} (hidden size {lm.hidden_size}); "
+                                f"train one with `recipe train {kind.trainer} --model {lm.spec.name}` "
+                                f"and pass its folder as --set checkpoint=FOLDER")
+    return f"{SHIPPED_DIR}/{min(fits)[1]}"
 
 
 def lm_meta(lm: EditedLM) -> dict[str, Any]:
@@ -115,22 +141,29 @@ def check_lm(saved: Any, lm: EditedLM, where: str) -> None:
     Hidden size is required; vocabulary size and fingerprint are compared when recorded. The name is
     not what matters: an LM of another name (a local copy, a mirror) is accepted, with a warning,
     when the record holds a fingerprint and it matches; without one the names must agree."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("hidden_size"), int):
-        raise IncompatibleError(f"{where} does not say which LM it was made for (got {saved!r})")
-    if saved["hidden_size"] != lm.hidden_size:
-        raise IncompatibleError(f"{where} was made for an LM with hidden size {saved['hidden_size']} "
-                                f"({saved.get('name')}); this LM ({lm.spec.name}) has hidden size {lm.hidden_size}")
-    if saved.get("name") != lm.spec.name and "fingerprint" not in saved:
-        raise IncompatibleError(f"{where} was made for LM {saved.get('name')!r}, not {lm.spec.name!r}")
-    if "vocab_size" in saved and saved["vocab_size"] != len(lm.tokenizer):
-        raise IncompatibleError(f"{where} was made for a vocabulary of {saved['vocab_size']} tokens; this LM's "
-                                f"tokenizer has {len(lm.tokenizer)}")
-    if "fingerprint" in saved and saved["fingerprint"] != lm_fingerprint(lm):
-        raise IncompatibleError(f"{where} was made for another LM ({saved.get('name')!r}, the same sizes; its "
-                                f"tokenizer or architecture differs: fingerprint {str(saved['fingerprint'])[:16]}...)")
+    mismatch = lm_mismatch(saved, lm)
+    if mismatch is not None:
+        raise IncompatibleError(f"{where} {mismatch}")
     if saved.get("name") != lm.spec.name:
         log.warning("%s was made for LM %r; using it with %r, which has the same sizes, architecture and "
                     "tokenizer", where, saved.get("name"), lm.spec.name)
+
+
+def lm_mismatch(saved: Any, lm: EditedLM) -> str | None:
+    """Why ``saved`` (an ``lm`` record) does not describe ``lm`` ("was made for ..."); None when it does."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("hidden_size"), int):
+        return f"does not say which LM it was made for (got {saved!r})"
+    if saved["hidden_size"] != lm.hidden_size:
+        return (f"was made for an LM with hidden size {saved['hidden_size']} ({saved.get('name')}); "
+                f"this LM ({lm.spec.name}) has hidden size {lm.hidden_size}")
+    if saved.get("name") != lm.spec.name and "fingerprint" not in saved:
+        return f"was made for LM {saved.get('name')!r}, not {lm.spec.name!r}"
+    if "vocab_size" in saved and saved["vocab_size"] != len(lm.tokenizer):
+        return f"was made for a vocabulary of {saved['vocab_size']} tokens; this LM's tokenizer has {len(lm.tokenizer)}"
+    if "fingerprint" in saved and saved["fingerprint"] != lm_fingerprint(lm):
+        return (f"was made for another LM ({saved.get('name')!r}, the same sizes; its tokenizer or architecture "
+                f"differs: fingerprint {str(saved['fingerprint'])[:16]}...)")
+    return None
 
 
 def save_artifact(kind: ArtifactKind, out_dir: str | Path, tensors: dict[str, Tensor], meta: dict) -> Path:

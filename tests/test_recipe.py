@@ -187,6 +187,22 @@ def test_hidden_size_mismatch_is_incompatible(tmp_path):
         make(big, checkpoint=str(tmp_path / "ckpt"), prefix_mode="vectors")
 
 
+def test_shipped_names_the_checkpoint_made_for_the_lm(tmp_path, monkeypatch):
+    import recipe.artifacts
+
+    monkeypatch.setattr(recipe.artifacts, "repo_root", lambda: tmp_path)
+    small, big = tiny_lm(hidden=32), tiny_lm()
+    (tmp_path / "checkpoints" / "notes").mkdir(parents=True)  # not an artefact: skipped
+    for name, lm in (("recipe-big", big), ("recipe-small", small)):
+        save_artifact(make(lm).networks, lm, tmp_path / "checkpoints" / name, "vectors+statement")
+    assert make(big, checkpoint="shipped").config.checkpoint == "checkpoints/recipe-big"  # recorded as resolved
+    assert make(small, checkpoint="shipped").config.checkpoint == "checkpoints/recipe-small"
+    other = tiny_lm()
+    other.tokenizer.add_tokens(["Epaspidoceras"])  # the same sizes, another tokenizer: no shipped one fits
+    with pytest.raises(IncompatibleError, match="no shipped RECIPE checkpoint.*recipe train recipe --model"):
+        make(other, checkpoint="shipped")
+
+
 def test_repository_of_other_networks_is_incompatible(tmp_path, tiny):
     editor = make(tiny)
     editor.edit(REQUESTS[:1])

@@ -81,7 +81,8 @@ def test_shipped_recipe_checkpoint_edits_and_leaves_unrelated_prompts_alone(lm):
     edit_prompts, targets = [c.request.prompt for c in cases], [c.request.target_new for c in cases]
     base = lm.generate(unrelated, max_new_tokens=6)
     base_scores = lm.score(edit_prompts, targets)
-    editor = load_editor("recipe", lm)  # configs/editors/recipe.yaml -> checkpoints/recipe-smollm2
+    editor = load_editor("recipe", lm)  # configs/editors/recipe.yaml: checkpoint "shipped"
+    assert editor.config.checkpoint == "checkpoints/recipe-smollm2"
     for c in cases:
         editor.edit(c.requests)
     scores = lm.score(edit_prompts, targets)

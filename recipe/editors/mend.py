@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from recipe.artifacts import load_mend_artifact
+from recipe.artifacts import MEND, SHIPPED, load_mend_artifact, shipped_checkpoint
 from recipe.editors.base import EditorConfig, WeightEditor, register_editor
 from recipe.errors import IncompatibleError, RecipeError
 from recipe.lm import EditedLM
@@ -58,7 +58,7 @@ class MENDArchitecture:
 
 @dataclass
 class MENDConfig(EditorConfig):
-    checkpoint: str | None = None  # artefact folder from train.mend (see recipe.artifacts.resolve_checkpoint); None: identity g
+    checkpoint: str | None = None  # artefact folder from train.mend; "shipped": the one made for the LM; None: identity g
     layers: list[int] = field(default_factory=list)  # edited layers; empty: the checkpoint's, else edit_layers.mend
     architecture: MENDArchitecture = field(default_factory=MENDArchitecture)  # used when checkpoint is None
     seed: int = 0  # initialisation of g's first factors when checkpoint is None
@@ -260,6 +260,8 @@ class MENDEditor(WeightEditor):
 
     def __init__(self, lm: EditedLM, config: MENDConfig | None = None):
         super().__init__(lm, config)
+        if self.config.checkpoint == SHIPPED:  # recorded as the folder it resolved to
+            self.config = dataclasses.replace(self.config, checkpoint=shipped_checkpoint(MEND, lm))
         cfg = self.config
         if cfg.checkpoint is None:
             layers = resolve_layers(lm, cfg.layers)

@@ -35,7 +35,7 @@ from typing import ClassVar, Literal, Sequence
 import torch
 from torch import Tensor
 
-from recipe.artifacts import load_recipe_artifact, load_verifier
+from recipe.artifacts import RECIPE, SHIPPED, load_recipe_artifact, load_verifier, shipped_checkpoint
 from recipe.editors.base import Editor, EditorConfig, register_editor
 from recipe.editors.recipe_saving import SavedEdits
 from recipe.errors import IncompatibleError, RecipeError
@@ -58,7 +58,7 @@ PrefixMode = Literal["vectors", "vectors+statement"]
 
 @dataclass
 class RecipeConfig(EditorConfig):
-    checkpoint: str | None = None  # artefact folder from train.recipe (relative: to the checkout); None: random networks
+    checkpoint: str | None = None  # artefact folder from train.recipe; "shipped": the one made for the LM; None: random networks
     architecture: RecipeArchitecture = field(default_factory=RecipeArchitecture)  # used when checkpoint is None
     prefix_mode: PrefixMode = "vectors+statement"  # must equal the checkpoint's (the prompt encoder learned one)
     statement_separator: str | None = None  # text after the statement in the prefix; None: the checkpoint's
@@ -111,6 +111,8 @@ class RecipeEditor(SavedEdits, Editor):
 
     def __init__(self, lm: EditedLM, config: RecipeConfig | None = None):
         super().__init__(lm, config)
+        if self.config.checkpoint == SHIPPED:  # recorded as the folder it resolved to
+            self.config = replace(self.config, checkpoint=shipped_checkpoint(RECIPE, lm))
         cfg = self.config
         separator = DEFAULT_SEPARATOR
         if cfg.checkpoint is None:
