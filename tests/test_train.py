@@ -173,6 +173,24 @@ def test_fine_tuning_starts_from_an_exported_artifact(tmp_path):
               cases=load_dataset("demo"), fast_dev_run=True, progress=False)
 
 
+def test_a_prefix_of_the_validation_batches_sees_every_set(monkeypatch):
+    import dataclasses
+
+    import train.data
+
+    demo = load_dataset("demo") * 4  # 4 validation examples per set
+
+    def tagged(name, *args):  # two sets of the same shape, told apart by their prompts
+        return [dataclasses.replace(c, requests=[dataclasses.replace(r, prompt=f"{name}: {r.prompt}") for r in c.requests])
+                for c in demo]
+
+    monkeypatch.setattr(train.data, "load_dataset", tagged)
+    data = RecipeDataModule(["a", "b"], batch_size=2, val_size=8)
+    data.setup()
+    sets = [e.prompt.split(":")[0] for e in data.val_examples]
+    assert sorted(sets) == ["a"] * 4 + ["b"] * 4 and set(sets[:4]) == {"a", "b"}  # the first two batches
+
+
 def test_dataset_repeats_add_examples_but_never_validation_prompts():
     data = RecipeDataModule(["demo"], batch_size=2, val_size=8, repeats={"demo": 3})
     data.setup()

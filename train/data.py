@@ -106,6 +106,7 @@ class RecipeDataModule(L.LightningDataModule):
             for r in range(1, self.repeats.get(name, 1)):  # repeats draw other paraphrases / locality probes
                 train += [e for e in examples_from_cases(cases, self.seed + r) if e.prompt not in held]
         random.Random(self.seed).shuffle(train)
+        random.Random(self.seed).shuffle(val)  # every validation batch mixes the sets (limit_val_batches cuts a prefix)
         self.val_examples, self.train_examples = val, train
         n_val = len(val)
         log.info("RECIPE training data: %d train / %d validation edits", len(self.train_examples), n_val)
