@@ -71,7 +71,7 @@ def _train_configs():
     from train.verifier import VerifierTrainConfig
 
     return {"recipe": RecipeTrainConfig, "recipe-finetune": RecipeTrainConfig, "recipe-scope": RecipeTrainConfig,
-            "recipe-gemma3": RecipeTrainConfig,
+            "recipe-gemma3": RecipeTrainConfig, "mend-gemma3": MENDTrainConfig,
             "mend": MENDTrainConfig,
             "verifier": VerifierTrainConfig}
 
