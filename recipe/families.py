@@ -36,6 +36,7 @@ class Family:
     mlp_out: str  # MLP output projection of layer i
     embed_tokens: str  # token embedding module
     conv1d_mlp_out: bool = False  # the projection is a transposed Conv1D (GPT-2): see adapt()
+    mlp_post_norm: str | None = None  # norm of layer i's MLP output before the residual add (Gemma-3); None: none
 
 
 def families() -> dict[str, Family]:
@@ -95,7 +96,8 @@ def spec_for(config, name: str, hf_id: str | None = None):
         log.warning("%s", unknown_architecture_hint(model_type, name))
         return ModelSpec(name=name, source="hf", hf_id=hf_id)
     return ModelSpec(name=name, source="hf", hf_id=hf_id, layers=family.layers, mlp_out=family.mlp_out,
-                     embed_tokens=family.embed_tokens, edit_layers=default_edit_layers(_n_layers(config)))
+                     embed_tokens=family.embed_tokens, mlp_post_norm=family.mlp_post_norm,
+                     edit_layers=default_edit_layers(_n_layers(config)))
 
 
 class Conv1DAsLinear(nn.Linear):

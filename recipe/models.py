@@ -51,6 +51,7 @@ class ModelSpec:
     layers: str = "model.layers"  # ModuleList of decoder layers
     mlp_out: str = "model.layers.{}.mlp.down_proj"  # MLP output projection of layer i
     embed_tokens: str = "model.embed_tokens"  # token embedding module
+    mlp_post_norm: str | None = None  # norm of layer i's MLP output before the residual add (Gemma-3); None: none
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
     target_prefix: str = " "  # text between prompt and target when scoring/training "prompt target"
     edit_layers: dict = field(default_factory=dict)  # default layer per editor, e.g. {ft: 21}

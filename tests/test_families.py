@@ -90,6 +90,24 @@ def test_weight_editor_edits_any_family_without_a_layer(model_type, name, one_th
     assert torch.equal(_logits(lm), base)
 
 
+def test_residual_targets_pass_through_gemmas_post_mlp_norm():
+    # Gemma-3 normalises each MLP output before the residual add: MEMIT's residual share for a layer becomes
+    # the MLP-output change that produces it (first order), and a solved δ reaches the stream through the norm.
+    from recipe.editors import rank_one
+
+    lm = tiny_of("gemma3_text")
+    norm = rank_one.post_mlp_norm(lm, 2)
+    assert norm is lm.model.model.layers[2].post_feedforward_layernorm and rank_one.post_mlp_norm(tiny_of("llama"), 2) is None
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    m, small = torch.randn(3, H, generator=gen), 1.0e-3 * torch.randn(3, H, generator=gen)
+    r = rank_one.through_norm(norm, m, small)  # a change of the stream the norm can produce
+    dm = rank_one.before_norm(norm, m, r)
+    torch.testing.assert_close(rank_one.through_norm(norm, m, dm), r, rtol=1.0e-2, atol=1.0e-6)
+    assert torch.allclose((dm * m).sum(-1), torch.zeros(3), atol=1.0e-6)  # the norm ignores m's scale
+
+
 def test_gpt2_projection_is_a_linear_view_of_the_same_weights():
     lm = tiny_of("gpt2")
     proj = lm.module("transformer.h.0.mlp.c_proj")

@@ -155,14 +155,13 @@ class AlphaEditEditor(MEMITEditor):
 
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
         projectors = {layer: self.projectors(layer) for layer in self.layers}  # before any weight moves
-        last = self.layers[-1]
         values = self._values(requests)
         deltas = [self._anchored(r, v) if self.config.norm_anchor else v.delta for r, v in zip(requests, values)]
-        z = self._hidden(requests, last) + torch.stack(deltas)  # target hidden states (n, H), MEMIT eq. 16-17
+        z = self._targets(requests, deltas)  # target hidden states (n, H), MEMIT eq. 16-17
         batch_keys = {}
         for i, layer in enumerate(self.layers):
             keys = self._keys(requests, layer)  # K1 (d_in, n): the layers below are already updated, as after the batch
-            resid = (z - self._hidden(requests, last)).T / (len(self.layers) - i)  # R (d_out, n), MEMIT Alg. 1 line 9
+            resid = self._layer_residual(requests, z, i, layer)  # R (d_out, n), MEMIT Alg. 1 line 9
             weight = self.snapshot.touch(f"{self.lm.spec.mlp_out.format(layer)}.weight")
             update = alphaedit_layer_update(projectors[layer], keys, resid, self.prior_keys.get(layer), self.config.l2)
             with torch.no_grad():

@@ -92,17 +92,40 @@ class MEMITEditor(RankOneEditor):
                                                  cfg.fact_token, reuse_prefix=self.reuse_inputs))
         return values
 
+    def _mlp_output(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
+        """Decoder ``layer``'s MLP output at each request's fact token, bare prompt: (n, H)."""
+        texts = [r.prompt for r in requests]
+        idxs = [rank_one.fact_index(self.lm, r.prompt, r.subject, self.config.fact_token) for r in requests]
+        return rank_one.capture(self.lm, self.lm.spec.mlp_out.format(layer), texts, idxs, what="output")
+
+    def _targets(self, requests: Sequence[EditRequest], deltas: Sequence[Tensor]) -> Tensor:
+        """z (n, H): the residual stream after the last edited layer that the solved values ask for (eq. 16-17).
+        δ was solved at the MLP output; where a norm follows it (Gemma-3) the stream sees δ through it."""
+        last, delta = self.layers[-1], torch.stack(list(deltas))
+        norm = rank_one.post_mlp_norm(self.lm, last)
+        if norm is not None:
+            delta = rank_one.through_norm(norm, self._mlp_output(requests, last), delta)
+        return self._hidden(requests, last) + delta
+
+    def _layer_residual(self, requests: Sequence[EditRequest], z: Tensor, i: int, layer: int) -> Tensor:
+        """R (d_out, n): the share of the way to z left for ``layer``, the i-th edited layer (Alg. 1 line 9), as a
+        change of its MLP output (through the inverse of a norm that follows it, to first order)."""
+        share = (z - self._hidden(requests, self.layers[-1])) / (len(self.layers) - i)  # (n, H)
+        norm = rank_one.post_mlp_norm(self.lm, layer)
+        if norm is not None:
+            share = rank_one.before_norm(norm, self._mlp_output(requests, layer), share)
+        return share.T
+
     def _keys(self, requests: Sequence[EditRequest], layer: int) -> Tensor:
         """K (d_in, n): each request's key at ``layer``, averaged over the context prefixes."""
         return torch.stack([rank_one.compute_key(self.lm, r, layer, self.prefixes, self.config.fact_token)
                             for r in requests], dim=1)
 
     def _apply(self, requests: Sequence[EditRequest], ids: list[EditId]) -> None:
-        last = self.layers[-1]
-        z = self._hidden(requests, last) + torch.stack([v.delta for v in self._values(requests)])  # targets (n, H)
+        z = self._targets(requests, [v.delta for v in self._values(requests)])  # targets (n, H)
         for i, layer in enumerate(self.layers):
             keys = self._keys(requests, layer)  # K (d_in, n)
-            resid = (z - self._hidden(requests, last)).T / (len(self.layers) - i)  # R (d_out, n), Alg. 1 line 9
+            resid = self._layer_residual(requests, z, i, layer)  # R (d_out, n)
             weight = self.snapshot.touch(f"{self.lm.spec.mlp_out.format(layer)}.weight")
             update = memit_layer_update(self.covariance(layer), keys, resid, self.config.mom2_update_weight,
                                         self._cov_cholesky(layer))

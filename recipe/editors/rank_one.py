@@ -111,6 +111,30 @@ def _first(x):
 
 
 @torch.no_grad()
+def post_mlp_norm(lm: EditedLM, layer: int) -> torch.nn.Module | None:
+    """The norm decoder ``layer`` applies to its MLP output before adding it to the residual stream
+    (Gemma-3's ``post_feedforward_layernorm``: the model config's ``mlp_post_norm``); None where the
+    output is added unchanged (Llama, GPT-2, GPT-J, GPT-NeoX)."""
+    return lm.module(lm.spec.mlp_post_norm.format(layer)) if lm.spec.mlp_post_norm else None
+
+
+def through_norm(norm: torch.nn.Module, m: Tensor, delta: Tensor) -> Tensor:
+    """How far the residual stream moves when ``delta`` is added to the normed MLP output ``m``: (n, H)."""
+    with torch.no_grad():
+        return (norm(m + delta) - norm(m)).to(delta.dtype)
+
+
+def before_norm(norm: torch.nn.Module, m: Tensor, r: Tensor, rtol: float = 1.0e-4) -> Tensor:
+    """A change of the normed MLP output ``m`` (n, H) that moves the residual stream by ``r`` (n, H): to first
+    order, the least-norm solution of J Δm = r, J the norm's Jacobian at m (an RMSNorm ignores the scale of
+    m, so J is singular along m and Δm is orthogonal to it)."""
+    out = []
+    for m_i, r_i in zip(m, r):
+        jac = torch.autograd.functional.jacobian(lambda x: norm(x[None])[0], m_i.detach())  # (H, H)
+        out.append(torch.linalg.pinv(jac.double(), rtol=rtol) @ r_i.double())
+    return torch.stack(out).to(r.dtype)
+
+
 def capture(lm: EditedLM, module_path: str, texts: Sequence[str], idxs: Sequence[int],
             what: Literal["input", "output"] = "input") -> Tensor:
     """The input (or output) of module ``module_path`` at token ``idxs[i]`` of ``texts[i]``: (n, d).
