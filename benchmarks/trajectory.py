@@ -1,7 +1,7 @@
 """How an editor's scores move as edits pile up: one lifelong run of N edits, probed every K edits.
 
     RECIPE_DATA_DIR=... OMP_NUM_THREADS=2 .venv/bin/python benchmarks/trajectory.py --editor memit \
-        --dataset zsre --edits 1000 --every 50 [--probe-cases 50] [--wikitext 10] [--out DIR]
+        --dataset zsre --edits 1000 --every 50 [--probe-cases 50] [--wikitext 10] [--set KEY=VALUE] [--out DIR]
     .venv/bin/python benchmarks/trajectory.py --plot DIR       # table + plot of what DIR holds
 
 `recipe eval` scores a lifelong round once, after its last edit. This applies the same edits in the same
@@ -164,6 +164,8 @@ def report(out: Path, title: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--editor")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one editor config key (repeatable), as in recipe eval")
     ap.add_argument("--dataset", default="zsre")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--edits", type=int, default=1000)
@@ -187,26 +189,31 @@ def main(argv=None) -> int:
     if not args.editor:
         ap.error("--editor is required (or --plot DIR)")
 
+    from recipe.cli import _parse_overrides
     from recipe.data import load_dataset
     from recipe.editors import load_editor
+    from recipe.editors.base import editor_config
     from recipe.eval.general import load_general
     from recipe.eval.sequential import seeded_order
     from recipe.lm import EditedLM
     from recipe.models import load_model
 
+    config = editor_config(args.editor, None, **_parse_overrides(args.set))  # fail before the model loads
     cases = load_dataset(args.dataset, args.data_dir)
     if args.edits > len(cases):
         raise RecipeError(f"--edits {args.edits}: the dataset has only {len(cases)} cases")
     wikitext = load_general(args.data_dir, ["wikitext"], args.wikitext, args.seed)["wikitext"] if args.wikitext else []
     model, tokenizer, spec = load_model(args.model)
     lm = EditedLM(model, tokenizer, spec)
-    editor = load_editor(args.editor, lm)
+    editor = load_editor(args.editor, lm, config)
     out = Path(args.out or f"runs/trajectory-{args.editor}-{args.dataset}")
     meta = {"editor": args.editor, "dataset": args.dataset, "model": args.model, "edits": args.edits,
-            "every": args.every, "probe_cases": args.probe_cases, "wikitext": args.wikitext, "seed": args.seed}
+            "every": args.every, "probe_cases": args.probe_cases, "wikitext": args.wikitext, "seed": args.seed,
+            "set": sorted(args.set)}
     run(lm, editor, seeded_order(cases, args.seed)[:args.edits], args.every, args.probe_cases, wikitext, out, meta)
     (out / "run.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else list(argv), **meta}, indent=1))
-    print(report(out, f"{args.editor} on {args.dataset} ({args.model}, seed {args.seed})"))
+    settings = "".join(f" --set {pair}" for pair in args.set)
+    print(report(out, f"{args.editor}{settings} on {args.dataset} ({args.model}, seed {args.seed})"))
     return 0
 
 

@@ -408,3 +408,30 @@ def test_trajectory_probes_every_k_edits_and_resumes_where_it_stopped(tiny, one_
     table = traj.report(tmp_path / "r", "ft on demo")
     assert [line.split(" | ")[0] for line in table.splitlines()[4:]] == ["| 0", "| 2", "| 4", "| 5"]
     assert (tmp_path / "r" / "trajectory.png").stat().st_size > 0
+
+
+def test_trajectory_passes_set_to_the_editor_config(tiny, monkeypatch, tmp_path, benchmark_script):
+    """--set KEY=VALUE reaches the editor's config (AlphaEdit's norm_anchor run) and is part of the run's
+    identity; an unknown key fails before any model loads."""
+    import recipe.editors
+    import recipe.models
+
+    traj = benchmark_script("trajectory")
+    with pytest.raises(ConfigError, match="nonsense"):
+        traj.main(["--editor", "alphaedit", "--set", "nonsense=1", "--data-dir", str(tmp_path)])
+    seen = {}
+
+    def run(lm, editor, order, every, probe_cases, wikitext, out, meta):
+        out.mkdir(parents=True)
+        seen["meta"] = meta
+        return []
+
+    monkeypatch.setattr(recipe.models, "load_model", lambda name: (tiny.model, tiny.tokenizer, tiny.spec))
+    monkeypatch.setattr(recipe.editors, "load_editor", lambda name, lm, config: seen.setdefault("config", config))
+    monkeypatch.setattr(traj, "run", run)
+    monkeypatch.setattr(traj, "report", lambda out, title: seen.setdefault("title", title))
+    traj.main(["--editor", "alphaedit", "--dataset", "demo", "--edits", "2", "--wikitext", "0",
+               "--set", "norm_anchor=true", "--out", str(tmp_path / "t")])
+    assert seen["config"].norm_anchor is True
+    assert seen["meta"]["set"] == ["norm_anchor=true"]
+    assert seen["title"].startswith("alphaedit --set norm_anchor=true on demo")
