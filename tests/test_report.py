@@ -93,7 +93,8 @@ def test_every_headline_number_equals_its_summary_json(path):
 def test_a_changed_result_makes_the_committed_report_stale(tmp_path):
     root = tmp_path / "results"
     shutil.copytree(RESULTS, root, ignore=shutil.ignore_patterns("*.png", "*.jsonl"))
-    shutil.copy(RESULTS / "trajectory" / "memit-zsre" / "trajectory.jsonl", root / "trajectory" / "memit-zsre")
+    for name in build.TRAJECTORIES.values():
+        shutil.copy(RESULTS / "trajectory" / name / "trajectory.jsonl", root / "trajectory" / name)
     assert build.main(["--results", str(root), "--check"]) == 0
     path = root / "baselines" / "rome-zsre-1000" / "summary.json"
     summaries = json.loads(path.read_text())

@@ -18,6 +18,8 @@ REPORT = REPO / "benchmarks" / "REPORT.md"
 README = REPO / "README.md"
 FIGURES = HERE / "figures"
 SOURCES = REPO / "recipe" / "data" / "sources.json"
+# the lifelong runs probed every 50 edits (benchmarks/results/trajectory/<run>), as the figure labels them
+TRAJECTORIES = {"MEMIT": "memit-zsre"}
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ def with_blocks(readme: str, blocks: dict[str, str]) -> str:
 
 def figures(results: Results, out: Path = FIGURES) -> list[Path]:
     return [plots.editors(results, out / "editors.png"), plots.general(results, out / "general.png"),
-            plots.trajectory(results, "memit-zsre", out / "trajectory-memit-zsre.png")]
+            plots.trajectory(results, TRAJECTORIES, out / "trajectory-zsre.png")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,23 +82,28 @@ def general(results: Results, path: Path) -> Path:
     return _save(fig, path)
 
 
-def trajectory(results: Results, name: str, path: Path) -> Path:
-    """Reliability of the first and the latest 50 edits and locality (left), WikiText perplexity (right)."""
+def trajectory(results: Results, runs: dict[str, str], path: Path) -> Path:
+    """One line per run of ``runs`` (label -> trajectory run name) in four panels: reliability of the latest
+    50 edits (do new edits take?), of the first 50 (are they kept?), locality and WikiText perplexity."""
     plt = _pyplot()
-    probes = results.trajectory(name)
-    xs = [p["edits"] for p in probes]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("early", "first 50 edits"), ("recent", "latest 50 edits"), ("locality", "locality")):
-        left.plot(xs, [float("nan") if p[key] is None else p[key] for p in probes], marker="o", ms=3, label=label)
-    left.set_ylim(-0.02, 1.02)
-    left.set_title("teacher-forced accuracy")
-    left.legend(fontsize=8)
-    right.plot(xs, [p["wikitext_ppl"] for p in probes], marker="o", ms=3, color="C3")
-    right.set_yscale("log")
-    right.set_title("WikiText perplexity (10 paragraphs)")
-    for ax in (left, right):
+    panels = (("recent", "latest 50 edits: reliability"), ("early", "first 50 edits: reliability"),
+              ("locality", "locality"), ("wikitext_ppl", "WikiText perplexity (10 paragraphs)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4))
+    for k, (label, name) in enumerate(runs.items()):
+        probes = results.trajectory(name)
+        xs = [p["edits"] for p in probes]
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(xs, [float("nan") if p[key] is None else p[key] for p in probes],
+                    marker=MARKERS[k], ms=3, label=label)
+    for ax, (key, title) in zip(axes, panels):
+        if key == "wikitext_ppl":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("edits applied")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"MEMIT, 1,000 sequential zsRE edits probed every 50 ({HARDWARE})", fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"1,000 sequential zsRE edits probed every 50, teacher-forced ({HARDWARE})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
