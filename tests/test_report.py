@@ -120,6 +120,21 @@ def test_the_editor_plot_has_a_panel_per_dataset_and_metric_and_a_line_per_edito
     plt.close(fig)
 
 
+def test_the_trajectory_plot_draws_each_run_in_every_panel(tmp_path, monkeypatch):
+    saved = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.setdefault("fig", fig) and path)
+    plots.trajectory(Results(), build.TRAJECTORIES, tmp_path / "trajectory.png")
+    fig = saved["fig"]
+    assert len(fig.axes) == 4 and fig.axes[-1].get_yscale() == "log"  # perplexity on a log axis
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines()] == list(build.TRAJECTORIES)
+    memit = Results().trajectory("memit-zsre")
+    recent = fig.axes[0].get_lines()[list(build.TRAJECTORIES).index("MEMIT")]
+    assert list(recent.get_xdata()) == [p["edits"] for p in memit]
+    assert recent.get_ydata()[-1] == pytest.approx(memit[-1]["recent"])
+    plt.close(fig)
+
+
 def test_the_data_table_lists_every_source_with_its_commit_and_sha256():
     text = tables.sources(build.SOURCES)
     entries = json.loads(build.SOURCES.read_text())["files"]
