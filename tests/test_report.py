@@ -135,6 +135,23 @@ def test_the_trajectory_plot_draws_each_run_in_every_panel(tmp_path, monkeypatch
     plt.close(fig)
 
 
+def test_the_mquake_table_gives_the_floor_and_each_accuracy_of_a_run(tmp_path):
+    from recipe.eval.mquake import summarise
+
+    def row(hits, edit, single, t=None):
+        r = {"multi_hop": {"accuracy": max(hits), "per_question": hits}, "edit": {"accuracy": edit},
+             "single_hop": {"accuracy": single}}
+        return r | ({"edit_time_s": t} if t is not None else {})
+
+    rows = [row([1.0, 0.0, 0.0], 1.0, 0.5, 0.2), row([0.0, 0.0, 0.0], 0.75, 0.25, 0.4), row([0.0, 1.0, 1.0], 1.0, 1.0, 0.3)]
+    floor = [{"multi_hop": {"accuracy": a, "per_question": [a]}} for a in (0.0, 0.0, 1.0)]
+    (tmp_path / "mquake" / "r").mkdir(parents=True)
+    (tmp_path / "mquake" / "r" / "mquake.json").write_text(json.dumps(
+        {"cases": 3, "edits": 12, "all_at_once": False, "floor": summarise(floor), "edited": summarise(rows), "rows": rows}))
+    table = tables.mquake(Results(tmp_path), [("RECIPE", "r")])
+    assert table.splitlines()[2] == ("| RECIPE | 3 | 12 | case by case | 0.333 | 0.917 | 0.583 | 0.667 / 0.333 |  | 0.300 |")
+
+
 def test_the_data_table_lists_every_source_with_its_commit_and_sha256():
     text = tables.sources(build.SOURCES)
     entries = json.loads(build.SOURCES.read_text())["files"]

@@ -29,7 +29,8 @@ def render(results: Results) -> str:
                              keep_trailing_newline=True, autoescape=False)
     helpers = {name: functools.partial(getattr(tables, name), results)
                for name in ("headline", "headline_all", "edit_seconds", "unedited", "value", "runs_table",
-                            "general", "trajectory", "prefix_ablation", "serving", "serving_numbers", "metric_table")}
+                            "general", "trajectory", "prefix_ablation", "serving", "serving_numbers", "metric_table",
+                            "mquake")}
     return env.get_template("template.md").render(include=results.text, **helpers)
 
 

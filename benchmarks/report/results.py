@@ -57,3 +57,7 @@ class Results:
         """The probes of ``trajectory/<name>/trajectory.jsonl``, one dict per probe, in edit order."""
         path = self.root / "trajectory" / name / "trajectory.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def mquake(self, name: str) -> dict:
+        """``mquake/<name>/mquake.json`` (``recipe mquake``'s output: floor, edited scores and every row)."""
+        return json.loads((self.root / "mquake" / name / "mquake.json").read_text())

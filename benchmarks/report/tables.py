@@ -221,6 +221,23 @@ def trajectory(results: Results, name: str, every: int = 100) -> str:
     return "\n".join(lines)
 
 
+def mquake(results: Results, rows: Sequence[tuple[str, str]]) -> str:
+    """One row per (label, run) of MQuAKE-hard: cases and edits applied, how, the floor (the unedited
+    model's multi-hop accuracy on the original answers) and the edited model's accuracies on the new ones."""
+    lines = ["| run | cases | edits | applied | floor: multi-hop | edit | single-hop | multi-hop (case / question) "
+             "| MeLLo multi-hop (case / question) | edit s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    for label, run in rows:
+        r = results.mquake(run)
+        e, times = r["edited"], sorted(row["edit_time_s"] for row in r["rows"] if "edit_time_s" in row)
+        mello = f"{fmt(e['multi_hop_mello'])} / {fmt(e['multi_hop_mello/question'])}" if "multi_hop_mello" in e else ""
+        lines.append(f"| {label} | {r['cases']:,} | {r['edits']:,} | {'all at once' if r['all_at_once'] else 'case by case'} "
+                     f"| {fmt(r['floor']['multi_hop'])} | {fmt(e['edit'])} | {fmt(e['single_hop'])} "
+                     f"| {fmt(e['multi_hop'])} / {fmt(e['multi_hop/question'])} | {mello} "
+                     f"| {fmt(times[len(times) // 2]) if times else ''} |")
+    return "\n".join(lines)
+
+
 def sources(path: Path) -> str:
     """One row per data file of ``recipe/data/sources.json``: where it comes from and its sha256."""
     lines = ["| file | source (repository @ commit: path) | bytes | sha256 |", "|---|---|---|---|"]
