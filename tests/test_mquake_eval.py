@@ -103,6 +103,23 @@ def test_multi_hop_counts_a_case_when_any_question_gets_the_new_answer_and_the_f
     assert "single_hop" not in result["floor"]
 
 
+def test_a_prefix_editor_retrieves_on_the_question_not_on_the_demonstrations(tiny, one_thread, monkeypatch):
+    """RECIPE's retrieval reads the question alone; the few-shot demonstrations go to the model only,
+    and the prefix retrieved for a question is the one that question's prompt gets."""
+    from recipe.lm import Prefix
+
+    seen, prefix = [], Prefix(torch.randn(2, tiny.hidden_size), (5, 6))
+    monkeypatch.setattr(tiny, "prefix_provider", lambda texts: seen.extend(texts) or [prefix if "Biden" in t else None
+                                                                                     for t in texts])
+    got = {}
+    monkeypatch.setattr(tiny, "_generate_batch", lambda prompts, prefs, n, kw: got.update(zip(prompts, prefs))
+                        or torch.zeros(len(prompts), 1, dtype=torch.long))
+    mquake.ask(tiny, DEMOS, ["Who is Biden married to?", "Who wrote Hamlet?"])
+    assert seen == ["Who is Biden married to?", "Who wrote Hamlet?"]
+    assert torch.equal(got[_q("Who is Biden married to?")], tiny.prefix_embeddings(prefix))
+    assert got[_q("Who wrote Hamlet?")] is None
+
+
 def test_each_case_gets_its_edits_in_one_call_then_a_rollback_or_all_at_once(tiny, one_thread, mquake_dir):
     cases = load_dataset("mquake-hard", mquake_dir)
     prompts = MquakePrompts(DEMOS, MELLO)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from recipe.lm import EditedLM, TargetScore
+from recipe.lm import AUTO, EditedLM, TargetScore
 
 _SPACE = re.compile(r"\s+")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")  # a full stop, ! or ? before a space or the end; a line break
@@ -108,10 +108,11 @@ class _TextStop(StoppingCriteria):
 
 
 def generate_until(lm: EditedLM, prompts: Sequence[str], pattern: re.Pattern, max_new_tokens: int,
-                   bar=None) -> list[str]:
+                   bar=None, prefixes=AUTO) -> list[str]:
     """Greedy continuations that stop at EOS, once their text matches ``pattern`` (the text may run a
-    little past the match: cut it there) or after ``max_new_tokens``. ``bar``: advanced per batch."""
-    return lm.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=lm.tokenizer.eos_token_id,
+    little past the match: cut it there) or after ``max_new_tokens``. ``bar``: advanced per batch.
+    ``prefixes``: as :meth:`EditedLM.generate` (default: retrieved for each prompt)."""
+    return lm.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=lm.tokenizer.eos_token_id, prefixes=prefixes,
                        stopping_criteria=StoppingCriteriaList([_TextStop(lm.tokenizer, pattern)]),
                        on_batch=bar.update if bar is not None else None)
 

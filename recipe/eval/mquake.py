@@ -69,9 +69,14 @@ def _answer_line(text: str) -> str:
 
 
 def ask(lm: EditedLM, demos: str, questions: Sequence[str], max_new_tokens: int = 16, bar=None) -> list[str]:
-    """The first line the model writes after ``demos`` + ``Q: <question> A:``, for each question."""
+    """The first line the model writes after ``demos`` + ``Q: <question> A:``, for each question.
+
+    A prefix editor (RECIPE) retrieves on the question alone, as in every other benchmark here: the
+    demonstrations are context for the model, not part of the query (in the query they would fill the
+    retriever's window and cut the question off)."""
     prompts = [f"{demos}\nQ: {q} A:" for q in questions]
-    return [_answer_line(t) for t in generate_until(lm, prompts, _LINE_END, max_new_tokens, bar)]
+    prefixes = lm.prefix_provider(list(questions)) if lm.prefix_provider is not None else None
+    return [_answer_line(t) for t in generate_until(lm, prompts, _LINE_END, max_new_tokens, bar, prefixes=prefixes)]
 
 
 def mello_answers(lm: EditedLM, demos: str, questions: Sequence[str], max_hops: int = 4,
