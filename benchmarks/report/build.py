@@ -31,7 +31,7 @@ def render(results: Results) -> str:
                for name in ("headline", "headline_all", "edit_seconds", "unedited", "value", "runs_table",
                             "general", "trajectory", "prefix_ablation", "serving", "serving_numbers", "metric_table",
                             "mquake")}
-    return env.get_template("template.md").render(include=results.text, **helpers)
+    return env.get_template("template.md").render(include=results.text, mquake_run=results.mquake, **helpers)
 
 
 def readme_blocks(results: Results) -> dict[str, str]:
