@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     if not args.editor:
         ap.error("--editor is required (or --plot DIR)")
 
-    from recipe.cli import _parse_overrides
+    from recipe.cli import parse_overrides
     from recipe.data import load_dataset
     from recipe.editors import load_editor
     from recipe.editors.base import editor_config
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     from recipe.lm import EditedLM
     from recipe.models import load_model
 
-    config = editor_config(args.editor, None, **_parse_overrides(args.set))  # fail before the model loads
+    config = editor_config(args.editor, None, **parse_overrides(args.set))  # fail before the model loads
     cases = load_dataset(args.dataset, args.data_dir)
     if args.edits > len(cases):
         raise RecipeError(f"--edits {args.edits}: the dataset has only {len(cases)} cases")

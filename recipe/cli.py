@@ -15,7 +15,7 @@ from recipe.errors import RecipeError
 log = logging.getLogger("recipe")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     """``--set steps=10 --set lr=1e-3`` -> {"steps": 10, "lr": 0.001} (values parsed as YAML)."""
     import yaml
 
@@ -69,7 +69,7 @@ def _load(args):
     from recipe.lm import EditedLM
     from recipe.models import get_spec, load_model
 
-    config = editor_config(args.editor, args.config, **_parse_overrides(args.set))  # fail before the model loads
+    config = editor_config(args.editor, args.config, **parse_overrides(args.set))  # fail before the model loads
     get_spec(args.model)
     if getattr(args, "data_dir", None):  # where the editors find their own text (ROME/MEMIT: WikiText)
         from recipe.data.registry import DATA_DIR_ENV

@@ -220,10 +220,10 @@ FT_RUN = ("  - {name: ft-demo, args: {editor: ft, dataset: demo, edits: '1,2', c
 
 def _tiny_cli(monkeypatch, tiny, editors: list | None = None):
     """`recipe eval`'s model loading swapped for the tiny model; each editor made is appended to ``editors``."""
-    from recipe.cli import _parse_overrides
+    from recipe.cli import parse_overrides
 
     def load(args):
-        editor = load_editor(args.editor, tiny, None, **_parse_overrides(args.set))
+        editor = load_editor(args.editor, tiny, None, **parse_overrides(args.set))
         if editors is not None:
             editors.append(editor)
         return tiny, editor

@@ -38,7 +38,7 @@ def _load_lm(args):
 
 def open_facts(args):
     """The model, the editor and the store of ``args`` (checked before the model loads)."""
-    from recipe.cli import _parse_overrides
+    from recipe.cli import parse_overrides
     from recipe.editors import EDITORS, load_editor
     from recipe.errors import UnknownNameError
     from recipe.serve.facts import Facts
@@ -46,7 +46,7 @@ def open_facts(args):
 
     if args.editor not in EDITORS:
         raise UnknownNameError(f"unknown editor {args.editor!r}; available: {sorted(EDITORS)}")
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     store = EditStore(args.store)  # refuses a store another process holds, before the model loads
     try:
         lm = _load_lm(args)
